@@ -15,7 +15,7 @@ _NUMPY_STORAGE = {"fp32": np.float32, "bf16": np.uint16, "fp16": np.float16, "in
 def as_numpy(x: Any, name: str, op: str) -> np.ndarray:
     """Zero-copy numpy view of a numpy array or a CPU torch tensor.
 
-    torch bfloat16 becomes a uint16 view of the same bits. A CUDA tensor is
+    torch bfloat16 becomes an ml_dtypes.bfloat16 view of the same bits. A CUDA tensor is
     refused here: the CPU backends cannot read it.
     """
     if isinstance(x, np.ndarray):
@@ -28,7 +28,7 @@ def as_numpy(x: Any, name: str, op: str) -> np.ndarray:
         import torch
 
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(np.uint16)
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     if hasattr(x, "__array_interface__") or hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
         return np.asarray(x)

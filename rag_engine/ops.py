@@ -190,10 +190,10 @@ def topk_ip(
     k = check_k(op, k)
     if c.n == 0:
         raise ValueError(f"{op}: corpus is empty (N=0)")
-    if q.shape[1] != c.dim:
-        raise ValueError(f"{op}: queries have D={q.shape[1]} but the corpus has D={c.dim}")
     if not c.data.flags.c_contiguous:
         raise ValueError(f"{op}: corpus must be C-contiguous (got strides {c.data.strides})")
+    if q.shape[1] != c.dim:
+        raise ValueError(f"{op}: queries have D={q.shape[1]} but the corpus has D={c.dim}")
     bitmap = None if ids_filter is None else id_filter_bitmap(ids_filter, c.n, op)
     nthreads = resolve_threads(op, threads)
     scores, ids = _TOPK_IP_IMPLS[name](q, c, k, bitmap, nthreads, isa)
