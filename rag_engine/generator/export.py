@@ -1,0 +1,216 @@
+"""Export a Hugging Face causal LM to an ONNX decoder with an explicit, in-place KV cache.
+
+``export_model`` reads the model (``spec.read_spec``), emits the fused graph
+(``graph.build_graph``), quantises it when asked and writes ``model.onnx`` + ``model.onnx.data``
+and a ``manifest.json`` (spec, options, file sizes and sha256). ``cached_export`` keys exports
+by model content + options under the cache directory; an entry is published by an atomic
+rename after its manifest is written, and one whose files do not match their manifest is
+rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from rag_engine.errors import RagEngineError
+from rag_engine.generator import assets
+from rag_engine.generator.spec import DecoderSpec
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
+PRECISIONS = ("fp32", "int8", "int4")
+INT8_METHODS = ("nbits", "dynamic")
+
+
+class ExportFormatError(RagEngineError, ValueError):
+    """An exported model folder is missing files, or its files do not match their manifest."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export.
+
+    precision: "fp32"; "int8" (8-bit weights: MatMulNBits block-wise by default, or
+    ``int8_method="dynamic"`` for ``quantize_dynamic`` per-channel DynamicQuantizeMatMul);
+    "int4" (MatMulNBits, ``block_size`` 32). Quantised graphs also quantise the embedding table
+    (shared with lm_head when tied). all_logits: logits for every position instead of each
+    row's last one. inputs_embeds: take ``inputs_embeds [B, S, hidden]`` instead of input_ids.
+    """
+
+    precision: str = "fp32"
+    all_logits: bool = False
+    inputs_embeds: bool = False
+    block_size: int = 32
+    accuracy_level: int = 4
+    int8_method: str = "nbits"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.int8_method not in INT8_METHODS:
+            raise ValueError(f"int8_method must be one of {INT8_METHODS}, got {self.int8_method!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+
+    @property
+    def bits(self) -> int | None:
+        if self.precision == "int4":
+            return 4
+        if self.precision == "int8" and self.int8_method == "nbits":
+            return 8
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(),
+                 progress: bool = True) -> Path:
+    """Write the ONNX export of ``model`` (a transformers ``*ForCausalLM``) into ``out_dir``."""
+    import onnx
+
+    from rag_engine.generator.graph import build_graph
+    from rag_engine.generator.spec import read_spec
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = ["read weights", "build graph", "save"] + (["quantize"] if config.precision == "int8" and config.bits is None else [])
+    bar = tqdm(total=len(steps), desc="export", disable=not progress)
+    bar.set_postfix_str(steps[0])
+    spec, weights = read_spec(model)
+    bar.update()
+    bar.set_postfix_str(steps[1])
+    proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
+                        bits=config.bits, block=config.block_size, accuracy_level=config.accuracy_level)
+    del weights
+    bar.update()
+    bar.set_postfix_str(steps[2])
+    for name in (MODEL_FILE, DATA_FILE):
+        (out / name).unlink(missing_ok=True)
+    onnx.save_model(proto, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    del proto
+    bar.update()
+    if len(steps) == 4:
+        bar.set_postfix_str(steps[3])
+        _quantize_dynamic(out)
+        bar.update()
+    bar.close()
+    write_manifest(out, spec, config)
+    return out
+
+
+def _quantize_dynamic(folder: Path) -> None:
+    """int8 per-channel dynamic quantisation of the MatMul/Gemm weights (DynamicQuantizeMatMul)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = folder / "fp32"
+    src.mkdir()
+    for name in (MODEL_FILE, DATA_FILE):
+        os.replace(folder / name, src / name)
+    quantize_dynamic(src / MODEL_FILE, folder / MODEL_FILE, op_types_to_quantize=["MatMul", "Gemm"],
+                     per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    shutil.rmtree(src)
+    produced = [p.name for p in folder.iterdir() if p.name not in (MODEL_FILE,)]
+    if DATA_FILE not in produced:  # the quantiser names its data file after the model
+        data = [p for p in folder.iterdir() if p.suffix == ".data"]
+        if len(data) != 1:
+            raise RuntimeError(f"expected one external data file after quantize_dynamic, got {produced}")
+        import onnx
+
+        proto = onnx.load(folder / MODEL_FILE)
+        data[0].unlink()
+        onnx.save_model(proto, folder / MODEL_FILE, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+
+
+def write_manifest(folder: Path, spec: DecoderSpec, config: ExportConfig) -> None:
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in (MODEL_FILE, DATA_FILE)}
+    manifest = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec),
+                "config": dataclasses.asdict(config), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> tuple[DecoderSpec, ExportConfig]:
+    """Load and check an export folder's manifest; raises ExportFormatError naming the bad part."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"expected an exported model folder, {folder} does not exist")
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportFormatError(f"{folder} has no {MANIFEST}: not a complete export") from None
+    except json.JSONDecodeError as err:
+        raise ExportFormatError(f"{path} is not valid JSON: {err}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportFormatError(
+            f"{path}: expected format_version {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
+    for name, meta in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise ExportFormatError(f"{folder}: {name} is missing")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise ExportFormatError(f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}")
+        if verify and _sha256(file) != meta["sha256"]:
+            raise ExportFormatError(f"{file} is corrupted: sha256 differs from {MANIFEST}")
+    return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
+
+
+def model_key(model) -> str:
+    """Content hash of an in-memory model: its config and every parameter's bytes."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_key(folder: Path) -> str:
+    """Content hash of a Hugging Face model folder (weights + config)."""
+    return assets.hash_files(folder, ("*.safetensors", "*.bin", "config.json"))
+
+
+def cached_export(model_key_: str, load_model, config: ExportConfig,
+                  cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Return the export folder for ``model_key_`` + ``config``, building it when absent or broken.
+
+    ``load_model`` is called only on a miss (so a cache hit never imports torch).
+    """
+    opts = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    key = hashlib.sha256(f"{FORMAT_VERSION}|{model_key_}|{opts}".encode()).hexdigest()[:24]
+    root = assets.cache_root(cache_dir) / "onnx"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{config.precision}-{key}"
+    if assets.is_complete(final):
+        try:
+            read_manifest(final)
+            return final
+        except ExportFormatError as err:
+            logger.warning("rebuilding broken export cache entry: %s", err)
+    tmp = assets.staging_dir(root, final.name)
+    try:
+        export_model(load_model(), tmp, config, progress=progress)
+        return assets.publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,262 @@
+"""Build the decoder ONNX graph directly from a ``DecoderSpec`` and its weights.
+
+The graph is emitted already fused with the ONNX Runtime contrib ops that
+``onnxruntime.transformers.optimizer`` and the onnxruntime-genai model builder produce
+(GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization/SkipLayerNormalization,
+FastGelu), so no pattern-matching pass is needed afterwards.
+
+I/O (optimum / onnxruntime-genai names):
+  input_ids ``[B, S]`` int64 (or ``inputs_embeds`` ``[B, S, hidden]`` fp32),
+  attention_mask ``[B, T]`` int64 (T = past + S; each row's ones form a prefix: rows are
+  right-padded and every row owns its KV slots ``[0, len_b)``),
+  position_ids ``[B, S]`` int64,
+  past_key_values.{i}.key/value ``[B, kv_heads, P, head_dim]`` fp32;
+  outputs logits ``[B, S, V]`` (``all_logits``) or ``[B, 1, V]`` at each row's last valid token,
+  present.{i}.key/value. Bind past and present to the same ``[B, kv_heads, max_len, head_dim]``
+  buffer and GroupQueryAttention updates the cache in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rag_engine.generator.quant import quantize_blockwise
+from rag_engine.generator.spec import DecoderSpec
+
+MS = "com.microsoft"
+OPSET = 17
+
+
+class _Graph:
+    """Minimal node/initializer accumulator with unique names."""
+
+    def __init__(self, bits: int | None = None, block: int = 32, accuracy_level: int = 4) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: set[str] = set()
+        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
+
+    def matmul(self, x: str, w: dict, key: str) -> str:
+        """``x @ w[key]`` — fp32 MatMul, or MatMulNBits when the graph is weight-quantised."""
+        weight = w[key]
+        if self.bits is None:
+            return self.one("MatMul", [x, self.init(key, weight)])
+        packed, scales = quantize_blockwise(weight, self.bits, self.block)
+        names = (self.init(key + "_q", packed), self.init(key + "_scales", scales))
+        self.quantized[key] = names
+        k, n = weight.shape
+        return self.one("MatMulNBits", [x, *names], domain=MS, K=k, N=n, bits=self.bits,
+                        block_size=self.block, accuracy_level=self.accuracy_level)
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, *values: int) -> str:
+        """A 1-D int64 constant, shared between users."""
+        name = "const_" + "_".join(str(v) for v in values)
+        if name not in self._consts:
+            self._consts.add(self.init(name, np.array(values, np.int64)))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        self._count += 1
+        name = f"/{op_type}_{self._count}"
+        outs = [f"{name}/out{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
+        return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+
+def _linear(g: _Graph, x: str, w: dict, key: str) -> str:
+    y = g.matmul(x, w, key)
+    if key + "_b" in w:
+        y = g.one("Add", [y, g.init(key + "_b", w[key + "_b"])])
+    return y
+
+
+def _mask_inputs(g: _Graph, embeds: bool) -> tuple[str, str, str]:
+    """seqlens_k ``[B]`` int32 (row length - 1), total length scalar int32, last-token index int64."""
+    one = g.init("const_one", np.array(1, np.int64))
+    zero = g.init("const_zero", np.array(0, np.int64))
+    axis1 = g.const(1)
+    lengths = g.one("ReduceSum", ["attention_mask", axis1], keepdims=0)
+    seqlens = g.one("Cast", [g.one("Sub", [lengths, one])], to=TensorProto.INT32)
+    total64 = g.one("Gather", [g.one("Shape", ["attention_mask"]), one], axis=0)
+    total = g.one("Cast", [total64], to=TensorProto.INT32)
+    step = g.one("Gather", [g.one("Shape", ["inputs_embeds" if embeds else "input_ids"]), one], axis=0)
+    # last valid row index inside this call: len - 1 - (T - S), clamped at 0 for ragged decode rows
+    last = g.one("Sub", [g.one("Sub", [lengths, one]), g.one("Sub", [total64, step])])
+    last = g.one("Max", [last, zero])
+    return seqlens, total, last
+
+
+def _attention(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str, mask: tuple[str, str]) -> str:
+    p = f"layers.{i}."
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qkv = _linear(g, h, w, p + "qkv")
+    split = g.const(q_size, kv_size, kv_size)
+    q, k, v = g.op("Split", [qkv, split], 3, axis=-1)
+    if spec.family == "llama":
+        rope = dict(domain=MS, interleaved=0, rotary_embedding_dim=spec.head_dim)
+        q = g.one("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_heads, **rope)
+        k = g.one("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_kv_heads, **rope)
+    seqlens, total = mask
+    out = g.op(
+        "GroupQueryAttention",
+        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+        1,
+        domain=MS,
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.num_kv_heads,
+        scale=spec.attn_scale,
+        local_window_size=spec.sliding_window,
+        do_rotary=0,
+    )[0]
+    g.nodes[-1].output[:] = [out, f"present.{i}.key", f"present.{i}.value"]
+    return g.matmul(out, w, p + "o")
+
+
+def _mlp(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str) -> str:
+    p = f"layers.{i}."
+    if spec.family == "gpt2":
+        fc = g.matmul(h, w, p + "fc")
+        gelu = "FastGelu" if spec.activation != "gelu" else "BiasGelu"
+        act = g.one(gelu, [fc, g.init(p + "fc_b", w[p + "fc_b"])], domain=MS)
+        return g.matmul(act, w, p + "down")
+    gate_up = g.matmul(h, w, p + "gate_up")
+    half = g.const(spec.intermediate_size, spec.intermediate_size)
+    gate, up = g.op("Split", [gate_up, half], 2, axis=-1)
+    act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
+    return g.matmul(act, w, p + "down")
+
+
+def _norm(g: _Graph, spec: DecoderSpec, w: dict, x: str, key: str, skip: str | None = None,
+          bias: str | None = None) -> tuple[str, str]:
+    """(normed, residual sum) — plain norm when ``skip`` is None, else the fused Skip* form."""
+    eps = spec.norm_eps
+    gamma = g.init(key, w[key])
+    beta = [g.init(key + "_b", w[key + "_b"])] if key + "_b" in w else []
+    if skip is None:
+        op = "SimplifiedLayerNormalization" if spec.family == "llama" else "LayerNormalization"
+        return g.one(op, [x, gamma, *beta], axis=-1, epsilon=eps, stash_type=1), x
+    if spec.family == "llama":
+        outs = g.op("SkipSimplifiedLayerNormalization", [x, skip, gamma], 4, domain=MS, epsilon=eps)
+    else:
+        outs = g.op("SkipLayerNormalization", [x, skip, gamma, *beta, *([bias] if bias else [])], 4,
+                    domain=MS, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool = False,
+                inputs_embeds: bool = False, bits: int | None = None, block: int = 32,
+                accuracy_level: int = 4) -> onnx.ModelProto:
+    """Return the decoder ``ModelProto`` for ``spec`` with fp32 weights ``w`` (see module doc).
+
+    ``bits`` = 4 or 8 quantises every MatMul weight (and the embedding table) blockwise into
+    MatMulNBits / GatherBlockQuantized; ``accuracy_level`` 4 lets ONNX Runtime compute them with
+    int8 activations (VNNI), as onnxruntime-genai does.
+    """
+    g = _Graph(bits, block, accuracy_level)
+    seqlens, total, last = _mask_inputs(g, inputs_embeds)
+    tied = np.array_equal(w["embed"], w["lm_head"].T)
+    x = "inputs_embeds" if inputs_embeds else _embed(g, spec, w, tied)
+    if spec.family == "llama":
+        g.init("rope_cos", w["rope_cos"])
+        g.init("rope_sin", w["rope_sin"])
+    else:
+        x = g.one("Add", [x, g.one("Gather", [g.init("pos_embed", w["pos_embed"]), "position_ids"], axis=0)])
+    h, residual = _norm(g, spec, w, x, "layers.0.ln1")
+    pending_bias = None  # GPT-2 projection biases fold into the next SkipLayerNormalization
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        a = _attention(g, spec, w, i, h, (seqlens, total))
+        bias = g.init(p + "o_b", w[p + "o_b"]) if p + "o_b" in w else None
+        if spec.family == "llama" and bias is not None:
+            a, bias = g.one("Add", [a, bias]), None
+        h, residual = _norm(g, spec, w, a, p + "ln2", residual, bias)
+        m = _mlp(g, spec, w, i, h)
+        pending_bias = g.init(p + "down_b", w[p + "down_b"]) if p + "down_b" in w else None
+        nxt = f"layers.{i + 1}.ln1" if i + 1 < spec.num_layers else "norm"
+        h, residual = _norm(g, spec, w, m, nxt, residual, pending_bias)
+    if not all_logits:
+        idx = g.one("Unsqueeze", [last, g.const(1, 2)])
+        shape = g.one("Shape", [h])
+        sizes = g.one("Concat", [g.one("Slice", [shape, g.const(0),
+                                                 g.const(1)]),
+                                 g.const(1),
+                                 g.one("Slice", [shape, g.const(2),
+                                                 g.const(3)])], axis=0)
+        h = g.one("GatherElements", [h, g.one("Expand", [idx, sizes])], axis=1)
+    _lm_head(g, spec, w, h, tied and not inputs_embeds)
+    return _model(g, spec, inputs_embeds)
+
+
+def _embed(g: _Graph, spec: DecoderSpec, w: dict, tied: bool) -> str:
+    """Token embedding lookup; quantised graphs gather from the block-quantised table.
+
+    A tied model shares that table with the (quantised) lm_head MatMulNBits, so the
+    embedding is stored once.
+    """
+    if g.bits is None or spec.hidden_size % g.block:
+        return g.one("Gather", [g.init("embed", w["embed"]), "input_ids"], axis=0)
+    packed, scales = quantize_blockwise(w["lm_head"] if tied else w["embed"].T, g.bits, g.block)
+    key = "lm_head" if tied else "embed"
+    names = (g.init(key + "_q", packed), g.init(key + "_scales", scales))
+    if tied:
+        g.quantized["lm_head"] = names
+    flat = g.const(spec.vocab_size, -1)
+    table = g.one("Reshape", [names[0], flat])
+    return g.one("GatherBlockQuantized", [table, "input_ids", names[1]], domain=MS, bits=g.bits,
+                 block_size=g.block, gather_axis=0, quantize_axis=1)
+
+
+def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool) -> None:
+    """logits = h @ lm_head, reusing the embedding table when the weights are tied."""
+    if g.bits is not None:
+        if "lm_head" in g.quantized:
+            k, n = w["lm_head"].shape
+            out = g.one("MatMulNBits", [h, *g.quantized["lm_head"]], domain=MS, K=k, N=n,
+                        bits=g.bits, block_size=g.block, accuracy_level=g.accuracy_level)
+        else:
+            out = g.matmul(h, w, "lm_head")
+    elif tied:
+        # Gemm(transB=1) reads the [V, hidden] embedding table directly: no transposed copy.
+        flat = g.one("Reshape", [h, g.const(-1, spec.hidden_size)])
+        out = g.one("Gemm", [flat, "embed"], transB=1)
+        lead = g.one("Slice", [g.one("Shape", [h]), g.const(0),
+                               g.const(2)])
+        vocab = g.const(spec.vocab_size)
+        out = g.one("Reshape", [out, g.one("Concat", [lead, vocab], axis=0)])
+    else:
+        out = g.one("MatMul", [h, g.init("lm_head", w["lm_head"])])
+    g.nodes[-1].output[0] = "logits"
+    del out
+
+
+def _model(g: _Graph, spec: DecoderSpec, inputs_embeds: bool) -> onnx.ModelProto:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv = [spec.num_kv_heads, spec.head_dim]
+    if inputs_embeds:
+        first = helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", spec.hidden_size])
+    else:
+        first = helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"])
+    inputs = [first,
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "logits_seq", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for part in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", f32,
+                                                        ["batch", kv[0], "past", kv[1]]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", f32,
+                                                         ["batch", kv[0], "present", kv[1]]))
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="rag-engine")

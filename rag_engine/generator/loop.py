@@ -1,0 +1,139 @@
+"""The decode loop: ``prefill``, ``decode_one_token`` and ``run_batch`` (one function per phase).
+
+Rows of a batch are right-padded at prefill and each keeps its own length: the cache slot of
+row b's next token is ``lengths[b]``, its position id too, and its mask is ``lengths[b] + 1``
+ones. When rows finish they are dropped from the cache and the sampler (the batch is compacted),
+so finished rows stop costing compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rag_engine.generator.detokenize import IncrementalDetokenizer
+from rag_engine.generator.kv_cache import KVCache
+from rag_engine.generator.sampling import Sampler, SamplingParams, top_logprobs
+from rag_engine.generator.session import DecoderSession
+
+
+def prefill(session: DecoderSession, cache: KVCache, prompts: Sequence[np.ndarray]) -> np.ndarray:
+    """Run the prompts (int64 ids, ragged) through the model into ``cache``; logits ``[B, V]``."""
+    lengths = np.array([len(p) for p in prompts], np.int64)
+    width = int(lengths.max())
+    ids = np.zeros((len(prompts), width), np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape))
+    return session.run(ids, mask, positions, cache)
+
+
+def decode_one_token(session: DecoderSession, cache: KVCache, tokens: np.ndarray,
+                     lengths: np.ndarray) -> np.ndarray:
+    """Feed one token per row; ``lengths`` ``[B]`` = tokens already cached per row. Logits ``[B, V]``."""
+    total = int(lengths.max()) + 1
+    mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+    return session.run(tokens.reshape(-1, 1), mask, lengths.reshape(-1, 1), cache)
+
+
+@dataclass
+class Row:
+    """One sequence being generated and everything reported about it."""
+
+    prompt: np.ndarray
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already streamed
+    finish_reason: str | None = None
+    t_start: float = 0.0
+    t_first: float = 0.0
+    t_done: float = 0.0
+
+    def append(self, token: int, now: float, context_left: int) -> None:
+        """Record a sampled token and decide whether the row is finished.
+
+        ``context_left``: cache slots left for this token and later ones (0: it cannot be fed).
+        """
+        if not self.tokens:
+            self.t_first = now
+        self.tokens.append(token)
+        p = self.params
+        if token in self.stop_ids and len(self.tokens) > p.min_tokens:
+            self._add_text(self.detokenizer.flush())  # stop tokens are kept in ids, not in text
+            self.finish_reason = self.finish_reason or "stop"
+        else:
+            self._add_text(self.detokenizer.push(token))
+            if self.finish_reason is None and (len(self.tokens) >= p.max_tokens or context_left <= 0):
+                self._add_text(self.detokenizer.flush())
+                self.finish_reason = self.finish_reason or "length"
+        if self.finish_reason is not None:
+            self.t_done = now
+
+    def _add_text(self, delta: str) -> None:
+        if not delta or self.finish_reason is not None:
+            return
+        start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
+        self.text += delta
+        if self.params.stop and len(self.tokens) >= self.params.min_tokens:
+            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+
+    def take_delta(self) -> str:
+        """Streamable new text; while unfinished, hold back what could still start a stop string."""
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
+        end = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta
+
+
+def run_batch(session: DecoderSession, rows: Sequence[Row],
+              clock: Callable[[], float] = time.perf_counter) -> Iterator[list[tuple[int, str]]]:
+    """Generate all ``rows`` together; after each step yield ``[(row index, text delta), ...]``.
+
+    Rows are updated in place (tokens, text, finish_reason, logprobs, timings).
+    """
+    spec = session.spec
+    max_len = min(spec.max_context, max(len(r.prompt) + r.params.max_tokens for r in rows))
+    cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(rows), max_len)
+    sampler = Sampler([r.params for r in rows], [r.prompt for r in rows], spec.vocab_size,
+                      [r.stop_ids for r in rows])
+    live = np.arange(len(rows))
+    lengths = np.array([len(r.prompt) for r in rows], np.int64)
+    logits = prefill(session, cache, [r.prompt for r in rows])
+    while True:
+        tokens = sampler.sample(logits)
+        want = [i for i, r in enumerate(live.tolist()) if rows[r].params.logprobs is not None]
+        if want:
+            n = max(rows[live[i]].params.logprobs for i in want)
+            for i, entry in zip(want, top_logprobs(logits[want], tokens[want], n), strict=True):
+                row = rows[live[i]]
+                keep = sorted(entry.items(), key=lambda kv: -kv[1])[: row.params.logprobs]
+                row.logprobs = (row.logprobs or []) + [{int(tokens[i]): entry[int(tokens[i])], **dict(keep)}]
+        now = clock()
+        events = []
+        for i, r in enumerate(live.tolist()):
+            rows[r].append(int(tokens[i]), now, max_len - int(lengths[i]))
+            delta = rows[r].take_delta()
+            if delta or rows[r].finish_reason:
+                events.append((r, delta))
+        yield events
+        alive = np.array([rows[r].finish_reason is None for r in live.tolist()])
+        if not alive.any():
+            return
+        if not alive.all():
+            keep = np.flatnonzero(alive)
+            cache.keep(keep, used=int(lengths.max()))
+            sampler.keep(keep)
+            live, lengths, tokens = live[keep], lengths[keep], tokens[keep]
+        logits = decode_one_token(session, cache, tokens, lengths)
+        lengths = lengths + 1

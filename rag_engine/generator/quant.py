@@ -1,0 +1,45 @@
+"""Blockwise weight-only quantisation in the ONNX Runtime ``MatMulNBits`` layout.
+
+A ``[K, N]`` MatMul weight becomes ``packed`` uint8 ``[N, K/block, block*bits/8]`` and fp32
+``scales`` ``[N, K/block]``; symmetric round-to-nearest with the implicit zero point
+``2**(bits-1)`` that MatMulNBits and GatherBlockQuantized assume when none is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUPPORTED_BITS = (4, 8)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Quantise ``w`` ``[K, N]`` fp32 along K in blocks; returns (packed ``[N, nb, block*bits/8]``, scales ``[N, nb]``)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D [K, N] weight, got shape {w.shape}")
+    k, n = w.shape
+    nb = -(-k // block)
+    wt = np.zeros((n, nb * block), np.float32)
+    wt[:, :k] = w.T
+    wt = wt.reshape(n, nb, block)
+    qmax = 2 ** (bits - 1) - 1
+    absmax = np.abs(wt).max(axis=2)
+    scales = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(wt / scales[:, :, None]), -qmax - 1, qmax).astype(np.int16) + (qmax + 1)
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), scales
+
+
+def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`quantize_blockwise`: back to fp32 ``[K, N]``."""
+    if bits == 4:
+        q = np.empty(packed.shape[:2] + (packed.shape[2] * 2,), np.int16)
+        q[:, :, 0::2] = packed & 0x0F
+        q[:, :, 1::2] = packed >> 4
+    else:
+        q = packed.astype(np.int16)
+    w = (q - 2 ** (bits - 1)).astype(np.float32) * scales[:, :, None]
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :k].T)

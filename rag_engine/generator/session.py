@@ -1,0 +1,88 @@
+"""One ONNX Runtime session over an exported decoder, driven through IO binding.
+
+The session is created once per model and reused; every run binds the small per-step inputs
+(ids, mask, positions), the KV cache views in place, and a preallocated logits buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rag_engine.generator.export import MODEL_FILE, ExportFormatError, read_manifest
+from rag_engine.generator.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+class DecoderSession:
+    """An exported decoder folder loaded into ONNX Runtime (CPU).
+
+    ``threads``: intra-op threads (None: ONNX Runtime's default, one per core).
+    ``verify``: check file sizes and sha256 against the manifest before loading.
+    """
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None, verify: bool = True) -> None:
+        self.folder = Path(folder)
+        self.spec, self.config = read_manifest(self.folder, verify=verify)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own Fail/InvalidProtobuf/... types
+            raise ExportFormatError(f"{self.folder / MODEL_FILE} could not be loaded by ONNX Runtime: {err}") from err
+        self.first_input = "inputs_embeds" if self.config.inputs_embeds else "input_ids"
+        self.io = self.session.io_binding()
+        self._logits = np.empty(0, np.float32)
+        self._bound: tuple[int, int] | None = None
+        self._keep: list[object] = []
+
+    def bind_cache(self, cache: KVCache) -> None:
+        """Bind each layer's past and present to the same in-place cache views."""
+        keep = []
+        for layer, pair in enumerate(cache.views()):
+            for part, view in zip(("key", "value"), pair, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(view)
+                self.io.bind_ortvalue_input(f"past_key_values.{layer}.{part}", value)
+                self.io.bind_ortvalue_output(f"present.{layer}.{part}", value)
+                keep.append(value)
+        self._keep = keep
+        self._bound = (id(cache), cache.batch)
+
+    def run(self, first: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            cache: KVCache) -> np.ndarray:
+        """One forward pass.
+
+        first: input_ids ``[B, S]`` int64 (or inputs_embeds ``[B, S, hidden]`` fp32);
+        attention_mask ``[B, T]`` int64 with each row's ones as a prefix (T = cached + S);
+        position_ids ``[B, S]`` int64. Returns logits ``[B, V]`` fp32 (each row's last valid
+        position), or ``[B, S, V]`` for an ``all_logits`` export. The returned array is reused
+        by the next call.
+        """
+        batch = first.shape[0]
+        if batch != cache.batch:
+            raise ValueError(f"batch of inputs ({batch}) differs from the cache's live rows ({cache.batch})")
+        if self._bound != (id(cache), cache.batch):
+            self.bind_cache(cache)
+        self.io.bind_cpu_input(self.first_input, first)
+        self.io.bind_cpu_input("attention_mask", attention_mask)
+        self.io.bind_cpu_input("position_ids", position_ids)
+        rows = first.shape[1] if self.config.all_logits else 1
+        size = batch * rows * self.spec.vocab_size
+        if self._logits.size < size:
+            self._logits = np.empty(size, np.float32)
+        logits = self._logits[:size].reshape(batch, rows, self.spec.vocab_size)
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(self.io)
+        return logits if self.config.all_logits else logits[:, 0]
