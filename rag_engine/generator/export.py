@@ -118,6 +118,7 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
 
 def _quantize_dynamic(folder: Path) -> None:
     """int8 per-channel dynamic quantisation of the MatMul/Gemm weights (DynamicQuantizeMatMul)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = folder / "fp32"
@@ -126,15 +127,13 @@ def _quantize_dynamic(folder: Path) -> None:
         os.replace(folder / name, src / name)
     quantize_dynamic(src / MODEL_FILE, folder / MODEL_FILE, op_types_to_quantize=["MatMul", "Gemm"],
                      per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     shutil.rmtree(src)
     produced = [p.name for p in folder.iterdir() if p.name not in (MODEL_FILE,)]
     if DATA_FILE not in produced:  # the quantiser names its data file after the model
         data = [p for p in folder.iterdir() if p.suffix == ".data"]
         if len(data) != 1:
             raise RuntimeError(f"expected one external data file after quantize_dynamic, got {produced}")
-        import onnx
-
         proto = onnx.load(folder / MODEL_FILE)
         data[0].unlink()
         onnx.save_model(proto, folder / MODEL_FILE, save_as_external_data=True,

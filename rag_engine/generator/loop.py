@@ -60,7 +60,7 @@ class Row:
     def append(self, token: int, now: float, context_left: int) -> None:
         """Record a sampled token and decide whether the row is finished.
 
-        ``context_left``: cache slots left for this token and later ones (0: it cannot be fed).
+        ``context_left``: context positions left after this token (prompt + output <= context).
         """
         if not self.tokens:
             self.t_first = now
@@ -122,7 +122,7 @@ def run_batch(session: DecoderSession, rows: Sequence[Row],
         now = clock()
         events = []
         for i, r in enumerate(live.tolist()):
-            rows[r].append(int(tokens[i]), now, max_len - int(lengths[i]))
+            rows[r].append(int(tokens[i]), now, max_len - int(lengths[i]) - 1)
             delta = rows[r].take_delta()
             if delta or rows[r].finish_reason:
                 events.append((r, delta))
