@@ -1,0 +1,57 @@
+# rag-engine: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU torch wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,generate
+PYTEST_ARGS ?= -m "not slow"
+BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
+
+EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: demo test test-all bench lint clean install cuda-check
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(VENV)/.deps: $(VENV)/.created pyproject.toml
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.24" ninja
+	touch $@
+
+# Editable install; re-run whenever a C++/CMake/packaging file changes so the
+# extension is rebuilt.
+$(VENV)/.installed: $(VENV)/.deps $(EXT_SOURCES)
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BENCH_ENV) $(PY) scripts/demo.py
+
+test: install cuda-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install cuda-check
+	$(PY) -m pytest -m "not gpu"
+
+bench: install
+	for b in benchmarks/bench_*.py; do $(BENCH_ENV) $(PY) $$b || exit 1; done
+
+lint: install
+	$(PY) -m ruff check rag_engine kernels benchmarks tests scripts
+
+# Compile-only check of the CUDA sources when nvcc is present (no GPU needed).
+cuda-check:
+	@if [ -x scripts/cuda_compile_check.sh ] && command -v nvcc >/dev/null 2>&1; then \
+		bash scripts/cuda_compile_check.sh; \
+	else echo "cuda-check: skipped (no nvcc or no CUDA sources)"; fi
+
+clean:
+	rm -rf build dist *.egg-info rag_engine/*.so rag_engine/_C*.so .pytest_cache .ruff_cache bench_results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
