@@ -8,11 +8,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from test_generator import tiny_model  # noqa: E402
+
 from rag_engine.errors import RagEngineError  # noqa: E402
 from rag_engine.generator import ExportConfig, ExportFormatError, Generator, SamplingParams  # noqa: E402
 from rag_engine.generator.export import DATA_FILE, MODEL_FILE, read_manifest  # noqa: E402
 from rag_engine.generator.session import DecoderSession  # noqa: E402
-from test_generator import tiny_model  # noqa: E402
 
 
 @pytest.fixture()

@@ -13,11 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from test_generator import VOCAB, tiny_model  # noqa: E402
+
 from rag_engine.generator import ExportConfig, Generator  # noqa: E402
 from rag_engine.generator.kv_cache import KVCache  # noqa: E402
 from rag_engine.generator.loop import prefill  # noqa: E402
 from rag_engine.generator.quant import dequantize_blockwise, quantize_blockwise  # noqa: E402
-from test_generator import VOCAB, tiny_model  # noqa: E402
 
 CASES = [("int8", "nbits", 0.15, 0.95), ("int8", "dynamic", 0.15, 0.95), ("int4", "nbits", 1.5, 0.60)]
 

@@ -1,0 +1,94 @@
+"""Text-level behaviour: streaming deltas, multi-byte characters, stop strings, chat prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from test_generator import tiny_model  # noqa: E402
+
+from rag_engine.generator import Generator, SamplingParams  # noqa: E402
+from rag_engine.generator.detokenize import IncrementalDetokenizer  # noqa: E402
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "retrieval augmented generation",
+          "naïve café crème brûlée", "日本語のテキスト", "emoji 🙂 and more 🚀 text"] * 20
+MULTILINGUAL = "héllo wörld, 日本語 🙂🚀 naïve café — ok"
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def gen_byte_tokenizer():
+    """A tiny byte-level BPE: multi-byte characters span several tokens, as in GPT-2/SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.chat_template = CHAT
+    return fast
+
+
+@pytest.fixture(scope="module")
+def gen_text(gen_byte_tokenizer, tmp_path_factory):
+    model = tiny_model("llama", seed=12, vocab=len(gen_byte_tokenizer))
+    return Generator.from_hf(model, gen_byte_tokenizer, cache_dir=tmp_path_factory.mktemp("gen_text"))
+
+
+def check_incremental(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas)
+    return ids, deltas
+
+
+def test_incremental_detokenizer_holds_partial_characters(gen_byte_tokenizer):
+    ids, deltas = check_incremental(gen_byte_tokenizer, MULTILINGUAL)
+    assert len(ids) > len(MULTILINGUAL.encode()) // 4  # characters really span several tokens
+    assert deltas.count("") > 0  # some pushes had to wait for the rest of a character
+
+
+def test_stream_equals_generate(gen_text):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    full = gen_text.generate(["the quick brown"], params)[0]
+    streamed = list(gen_text.stream("the quick brown", params))
+    assert "".join(streamed) == full.text
+    assert full.text == gen_text.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_truncate_and_stream_holds_back(gen_text):
+    free = gen_text.generate(["lazy"], SamplingParams(max_tokens=40, temperature=0))[0]
+    text = free.text
+    assert len(text) > 12, "the tiny model should produce some text"
+    stop = text[6:9]
+    params = SamplingParams(max_tokens=40, temperature=0, stop=(stop, "never-there"))
+    out = gen_text.generate(["lazy"], params)[0]
+    assert out.text == text[: text.find(stop)] and out.finish_reason == "stop"
+    assert "".join(gen_text.stream("lazy", params)) == out.text
+
+
+def test_chat_prompt_uses_the_template(gen_text):
+    messages = [{"role": "user", "content": "fox?"}]
+    out = gen_text.generate([messages], SamplingParams(max_tokens=4, temperature=0))[0]
+    expected = gen_text.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert list(out.prompt_token_ids) == list(expected)
+    single = gen_text.generate(messages, SamplingParams(max_tokens=4, temperature=0))  # one chat, unwrapped
+    assert single[0].token_ids == out.token_ids
+
+
+def test_prompt_kinds_agree(gen_text):
+    ids = gen_text.tokenizer.encode("brown fox")
+    params = SamplingParams(max_tokens=6, temperature=0)
+    by_text, by_ids = gen_text.generate(["brown fox", ids], params)
+    assert by_text.token_ids == by_ids.token_ids
+    assert gen_text.generate("brown fox", params)[0].token_ids == by_text.token_ids
