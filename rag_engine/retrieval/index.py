@@ -1,0 +1,248 @@
+"""PassageIndex: passages + their vectors (CorpusMatrix, searched by ops.topk_ip) + BM25.
+
+Passage ids are row numbers of the vector matrix. Deleting a document
+tombstones its rows (masked out of every search through the kernel's
+ids_filter); saving compacts the index, so passage ids are stable until the
+next save. Texts and metadata live in SQLite on disk, vectors in a raw `.npy`
+memory-mapped at load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag_engine import ops
+from rag_engine.corpus import STORAGE_DTYPES, CorpusMatrix
+from rag_engine.errors import IndexFormatError
+from rag_engine.retrieval import persist
+from rag_engine.retrieval.bm25 import BM25Index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Passage:
+    passage_id: int
+    doc_id: str
+    text: str
+    start: int  # character offsets in the source document
+    end: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    passage_id: int
+    text: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class _Vectors:
+    """Growable storage-dtype matrix (amortised appends; memory-mapped after load)."""
+
+    def __init__(self, dim: int, dtype: str) -> None:
+        self.dim, self.dtype, self.n = dim, dtype, 0
+        self._data = np.empty((0, dim), CorpusMatrix.from_float(np.zeros((1, dim), np.float32), dtype).data.dtype)
+        self._scales = np.empty(0, np.float32) if dtype == "int8" else None
+
+    def append(self, x: np.ndarray) -> None:
+        cm = CorpusMatrix.from_float(x, self.dtype)
+        need = self.n + cm.n
+        if need > self._data.shape[0] or not self._data.flags.writeable:
+            cap = max(need, 2 * self._data.shape[0], 1024)
+            grown = np.empty((cap, self.dim), self._data.dtype)
+            grown[: self.n] = self._data[: self.n]
+            self._data = grown
+            if self._scales is not None:
+                s = np.empty(cap, np.float32)
+                s[: self.n] = self._scales[: self.n]
+                self._scales = s
+        self._data[self.n : need] = cm.data
+        if self._scales is not None:
+            self._scales[self.n : need] = cm.scales
+        self.n = need
+
+    def matrix(self) -> CorpusMatrix:
+        return CorpusMatrix(self._data[: self.n], self.dtype, None if self._scales is None else self._scales[: self.n])
+
+    @classmethod
+    def from_arrays(cls, data: np.ndarray, dtype: str, scales: np.ndarray | None) -> _Vectors:
+        v = cls(data.shape[1], dtype)
+        v._data, v._scales, v.n = data, scales, data.shape[0]
+        return v
+
+
+class PassageIndex:
+    """Passages with dense vectors and a BM25 index, persisted crash-safely."""
+
+    def __init__(self, encoder_name: str, dim: int, dtype: str = "fp32") -> None:
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"PassageIndex: dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+        self.encoder_name, self.dim, self.dtype = encoder_name, dim, dtype
+        self._passages: list[Passage | None] = []
+        self._vectors = _Vectors(dim, dtype)
+        self._by_doc: dict[str, list[int]] = {}
+        self._bm25: BM25Index | None = None
+
+    # ------------------------------------------------------------------ contents
+    def __len__(self) -> int:
+        """Live passages."""
+        return sum(len(v) for v in self._by_doc.values())
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._by_doc)
+
+    def passage(self, pid: int) -> Passage:
+        p = self._passages[pid] if 0 <= pid < len(self._passages) else None
+        if p is None:
+            raise KeyError(f"passage {pid} does not exist or was deleted")
+        return p
+
+    def doc_ids(self) -> list[str]:
+        return list(self._by_doc)
+
+    def add(self, doc_id: str, spans: Sequence[tuple[int, int]], texts: Sequence[str],
+            vectors: np.ndarray, metadata: dict[str, Any] | None = None) -> list[int]:
+        """Append the passages of one document (replacing a document of the same id)."""
+        if len(texts) != vectors.shape[0] or len(spans) != len(texts):
+            raise ValueError(f"PassageIndex.add: {len(texts)} texts, {len(spans)} spans, {vectors.shape[0]} vectors")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"PassageIndex.add: vectors must be [n, {self.dim}], got {vectors.shape}")
+        if doc_id in self._by_doc:
+            self.delete([doc_id])
+        self._vectors.append(np.asarray(vectors, np.float32))
+        first = len(self._passages)
+        meta = dict(metadata or {})
+        for j, ((a, b), t) in enumerate(zip(spans, texts)):
+            self._passages.append(Passage(first + j, doc_id, t, a, b, meta))
+        self._by_doc[doc_id] = list(range(first, first + len(texts)))
+        self._bm25 = None
+        return self._by_doc[doc_id]
+
+    def delete(self, doc_ids: Sequence[str]) -> int:
+        """Tombstone every passage of these documents; returns how many passages went."""
+        gone = 0
+        for d in doc_ids:
+            for pid in self._by_doc.pop(d, []):
+                self._passages[pid] = None
+                gone += 1
+        if gone:
+            self._bm25 = None
+        return gone
+
+    def allow_mask(self, where: dict[str, Any] | None = None) -> np.ndarray | None:
+        """Bool mask over passage ids of live passages matching `where` (metadata equality);
+        None when every row is allowed."""
+        if where is None and len(self) == len(self._passages):
+            return None
+        return np.array([p is not None and all(p.metadata.get(k) == v for k, v in (where or {}).items())
+                         for p in self._passages], np.bool_)
+
+    # ------------------------------------------------------------------ search
+    def search_dense(self, qvecs: np.ndarray, k: int, where: dict[str, Any] | None = None,
+                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k], passage ids [Q, k]) by inner product over live passages matching
+        `where`; -inf / -1 pad missing slots."""
+        nq = qvecs.shape[0]
+        allow = self.allow_mask(where)
+        if self._vectors.n == 0 or (allow is not None and not allow.any()):
+            return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+        s, i = ops.topk_ip(qvecs, self._vectors.matrix(), k, ids_filter=allow, threads=threads)
+        if s.shape[1] < k:  # k > N: pad to the asked width
+            pad = k - s.shape[1]
+            s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+        return s, i
+
+    def bm25(self) -> BM25Index:
+        if self._bm25 is None:
+            live = [p for p in self._passages if p is not None]
+            self._bm25 = BM25Index.build([p.text for p in live], np.array([p.passage_id for p in live], np.int64))
+        return self._bm25
+
+    def search_bm25(self, queries: list[str], k: int, where: dict[str, Any] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.bm25().search(queries, k, self.allow_mask(where))
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        out = []
+        for srow, irow in zip(scores, ids):
+            row = []
+            for s, pid in zip(srow, irow):
+                if pid < 0:
+                    continue
+                p = self.passage(int(pid))
+                row.append(Hit(p.doc_id, p.passage_id, p.text, float(s), p.metadata))
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Compact and write atomically (see rag_engine.retrieval.persist)."""
+        root = Path(path)
+        live = [p for p in self._passages if p is not None]
+        keep = np.array([p.passage_id for p in live], np.int64)
+        m = self._vectors.matrix()
+        data = np.ascontiguousarray(m.data[keep]) if len(live) else m.data[:0]
+        scales = None if m.scales is None else np.ascontiguousarray(m.scales[keep])
+        compact = [Passage(j, p.doc_id, p.text, p.start, p.end, p.metadata) for j, p in enumerate(live)]
+        version = persist.new_version(root)
+        np.save(version / "vectors.npy", data)
+        if scales is not None:
+            np.save(version / "scales.npy", scales)
+        with sqlite3.connect(version / "passages.sqlite") as db:
+            db.execute("CREATE TABLE passages (passage_id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, "
+                       "start INTEGER, end INTEGER, text TEXT NOT NULL, metadata TEXT)")
+            db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?)",
+                           [(p.passage_id, p.doc_id, p.start, p.end, p.text, json.dumps(p.metadata))
+                            for p in compact])
+        db.close()
+        BM25Index.build([p.text for p in compact], np.arange(len(compact))).save(version / "bm25")
+        persist.commit_version(root, version, {
+            "encoder": self.encoder_name, "dim": self.dim, "dtype": self.dtype,
+            "num_passages": len(compact), "num_documents": len({p.doc_id for p in compact})})
+        self._passages, self._by_doc = list(compact), {}
+        for p in compact:
+            self._by_doc.setdefault(p.doc_id, []).append(p.passage_id)
+        self._vectors = _Vectors.from_arrays(data, self.dtype, scales)
+        self._bm25 = None
+
+    @classmethod
+    def load(cls, path: str | Path, encoder_name: str | None = None, verify: bool = True) -> PassageIndex:
+        """Open a saved index; vectors are memory-mapped (copied on the first add).
+
+        encoder_name: if given, the index must have been built by that encoder.
+        """
+        version, man = persist.open_version(Path(path), verify=verify)
+        if encoder_name is not None and man.get("encoder") != encoder_name:
+            raise IndexFormatError(f"{path}: index built with encoder {man.get('encoder')!r}, "
+                                   f"this engine uses {encoder_name!r}")
+        idx = cls(man["encoder"], int(man["dim"]), man["dtype"])
+        data = np.load(version / "vectors.npy", mmap_mode="r")
+        scales = np.load(version / "scales.npy") if (version / "scales.npy").exists() else None
+        if data.shape != (man["num_passages"], idx.dim):
+            raise IndexFormatError(f"{path}: vectors.npy has shape {data.shape}, manifest says "
+                                   f"({man['num_passages']}, {idx.dim})")
+        idx._vectors = _Vectors.from_arrays(data, idx.dtype, scales)
+        db = sqlite3.connect(f"file:{version / 'passages.sqlite'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT passage_id, doc_id, start, end, text, metadata FROM passages "
+                              "ORDER BY passage_id").fetchall()
+        finally:
+            db.close()
+        for pid, doc, a, b, text, meta in rows:
+            idx._passages.append(Passage(pid, doc, text, a, b, json.loads(meta) if meta else {}))
+            idx._by_doc.setdefault(doc, []).append(pid)
+        idx._bm25 = BM25Index.load(version / "bm25")
+        return idx
