@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rag_engine import _ext, reference
@@ -234,3 +235,229 @@ def merge_topk(
         all_i.append(i)
     s, i = np.concatenate(all_s, 1), np.concatenate(all_i, 1)
     return reference.sort_topk(s, i, min(k, s.shape[1]))
+
+
+# ---------------------------------------------------------------------------
+# fusion_softmax / fusion_softmax_gather
+# ---------------------------------------------------------------------------
+
+
+def _array(op: str, name: str, x: Any, ndim: int, dtypes: tuple = (np.float32,)) -> np.ndarray:
+    """Zero-copy C-contiguous view of rank `ndim` in one of `dtypes`.
+
+    No finiteness scan here (it would cost more than the kernel): the kernels
+    detect non-finite values where they matter and raise naming the position.
+    bfloat16 (ml_dtypes or torch) comes back as its uint16 bits.
+    """
+    a = as_numpy(x, name, op)
+    if a.dtype == ml_dtypes.bfloat16:
+        a = a.view(np.uint16)
+    if a.dtype not in dtypes:
+        want = " or ".join("bfloat16 (uint16 bits)" if t == np.uint16 else np.dtype(t).name for t in dtypes)
+        raise TypeError(f"{op}: {name} must be {want}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} must be C-contiguous (got strides {a.strides}); "
+                         "pass np.ascontiguousarray(x) / x.contiguous()")
+    return a
+
+
+def _fusion_inputs(op: str, h_in: Any, W_a: Any, mask: Any, k: int) -> tuple:
+    h = _array(op, "h_in", h_in, 2)
+    b, d = h.shape
+    if k <= 0:
+        raise ValueError(f"{op}: K must be > 0 (at least one document slot per row), got K={k}")
+    w = None if W_a is None else _array(op, "W_a", W_a, 2)
+    if w is not None and w.shape != (d, d):
+        raise ValueError(f"{op}: W_a must be [D, D] = [{d}, {d}], got {list(w.shape)}")
+    m = None if mask is None else _array(op, "mask", mask, 2, (np.bool_,))
+    if m is not None and m.shape != (b, k):
+        raise ValueError(f"{op}: mask must be [B, K] = [{b}, {k}], got {list(m.shape)}")
+    return h, w, m
+
+
+def _fusion_torch(op, h, docs, w, m, return_scores):
+    alpha, h_aug, s = (x.numpy() for x in reference.fusion_softmax_torch(h, docs, w, m))
+    bad = np.argwhere(np.isnan(s) | (s == np.inf) | ((s == -np.inf) & (m is None or m)))
+    if bad.size:
+        raise ValueError(f"{op}: document (b={bad[0][0]}, k={bad[0][1]}) gives a non-finite score "
+                         "(NaN/Inf in h_in, W_a or the document, or float32 overflow)")
+    return alpha, h_aug, s
+
+
+def _fusion_softmax_cpu(h, docs, w, m, return_scores, threads, isa):
+    return _ext.require_cpu_ext().fusion_softmax(h, docs, w, m, return_scores, threads, isa or "")
+
+
+def _fusion_softmax_torch(h, docs, w, m, return_scores, threads, isa):
+    return _fusion_torch("fusion_softmax", h, docs, w, m, return_scores)
+
+
+_FUSION_SOFTMAX_IMPLS: dict[str, Callable[..., tuple]] = {
+    "cpu": _fusion_softmax_cpu,
+    "torch": _fusion_softmax_torch,
+}
+
+
+def fusion_softmax(
+    h_in: Any, docs: Any, W_a: Any = None, *, mask: Any = None, return_scores: bool = False,
+    threads: int | None = None, backend: str | None = None, isa: str | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Bilinear attention over retrieved documents: alpha, h_aug (and scores).
+
+    h_in [B, D] float32; docs [B, K, D] float32, float16 or bfloat16 (uint16 bits
+    = CorpusMatrix bf16 storage); W_a [D, D] float32 or None (identity);
+    mask [B, K] bool (False = padded slot). alpha [B, K] = softmax_k(h_inᵀ W_a d_k),
+    h_aug [B, D] = Σ_k alpha_k d_k, scores [B, K] = the raw h_inᵀ W_a d_k (-inf
+    where masked), all float32 numpy. A row with every slot masked gets alpha 0
+    and h_aug 0. A non-finite score (NaN/Inf inputs) raises ValueError naming it.
+    Returns (alpha, h_aug), or (alpha, h_aug, scores) with return_scores=True.
+    """
+    op = "fusion_softmax"
+    name = resolve_backend(op, backend, tuple(_FUSION_SOFTMAX_IMPLS), is_cuda(h_in) or is_cuda(docs))
+    d = _array(op, "docs", docs, 3, (np.float32, np.float16, np.uint16))
+    h, w, m = _fusion_inputs(op, h_in, W_a, mask, d.shape[1])
+    if d.shape[0] != h.shape[0] or d.shape[2] != h.shape[1]:
+        raise ValueError(f"{op}: docs must be [B, K, D] with B={h.shape[0]} and D={h.shape[1]} "
+                         f"(from h_in), got {list(d.shape)}")
+    out = _FUSION_SOFTMAX_IMPLS[name](h, d, w, m, return_scores, resolve_threads(op, threads), isa)
+    return out if return_scores else out[:2]
+
+
+def _gather_cpu(h, c, ids, w, m, return_scores, threads, isa):
+    ext = _ext.require_cpu_ext()
+    return ext.fusion_softmax_gather(h, c.data, c.scales, ids, w, m, return_scores, threads, isa or "")
+
+
+def _gather_torch(h, c, ids, w, m, return_scores, threads, isa):
+    rows = np.maximum(ids, 0).reshape(-1)
+    scales = None if c.scales is None else c.scales[rows]
+    docs = CorpusMatrix(c.data[rows], c.dtype, scales).to_float().reshape(*ids.shape, c.dim)
+    valid = ids >= 0 if m is None else m & (ids >= 0)
+    return _fusion_torch("fusion_softmax_gather", h, docs, w, valid, return_scores)
+
+
+def _corpus(op: str, x: Any) -> CorpusMatrix:
+    a = _array(op, "corpus", x, 2, (np.float32, np.float16, np.uint16))
+    return CorpusMatrix(a, {np.float32: "fp32", np.float16: "fp16", np.uint16: "bf16"}[a.dtype.type])
+
+
+_FUSION_SOFTMAX_GATHER_IMPLS: dict[str, Callable[..., tuple]] = {"cpu": _gather_cpu, "torch": _gather_torch}
+
+
+def fusion_softmax_gather(
+    h_in: Any, corpus: CorpusMatrix | Any, ids: Any, W_a: Any = None, *, mask: Any = None,
+    return_scores: bool = False, threads: int | None = None, backend: str | None = None,
+    isa: str | None = None,
+) -> tuple[np.ndarray, ...]:
+    """fusion_softmax over corpus rows ids [B, K] (e.g. topk_ip's ids), read in place.
+
+    corpus: CorpusMatrix (fp32/bf16/fp16/int8) or a float32/float16/bfloat16 [N, D]
+    array; ids: integer [B, K], -1 = empty slot (treated as masked). No [B, K, D]
+    copy is made. Same outputs and rules as fusion_softmax.
+    """
+    op = "fusion_softmax_gather"
+    name = resolve_backend(op, backend, tuple(_FUSION_SOFTMAX_GATHER_IMPLS), is_cuda(h_in) or is_cuda(ids))
+    c = corpus if isinstance(corpus, CorpusMatrix) else _corpus(op, corpus)
+    i = as_numpy(ids, "ids", op)
+    if i.dtype.kind not in "iu" or i.ndim != 2:
+        raise TypeError(f"{op}: ids must be an integer [B, K] array, got {i.dtype} of shape {tuple(i.shape)}")
+    i = np.ascontiguousarray(i, np.int64)
+    h, w, m = _fusion_inputs(op, h_in, W_a, mask, i.shape[1])
+    if i.shape[0] != h.shape[0] or c.dim != h.shape[1]:
+        raise ValueError(f"{op}: need ids [B={h.shape[0]}, K] and corpus [N, D={h.shape[1]}], "
+                         f"got ids {list(i.shape)} and corpus {list(c.shape)}")
+    if i.size and (i.min() < -1 or i.max() >= c.n):
+        raise ValueError(f"{op}: ids must lie in [0, N={c.n}) or be -1 (empty slot), "
+                         f"got range [{i.min()}, {i.max()}]")
+    out = _FUSION_SOFTMAX_GATHER_IMPLS[name](h, c, i, w, m, return_scores, resolve_threads(op, threads), isa)
+    return out if return_scores else out[:2]
+
+
+
+# ---------------------------------------------------------------------------
+# rag_token_marg / rag_token_sample
+# ---------------------------------------------------------------------------
+
+
+def _marg_inputs(op: str, log_alpha: Any, logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    la, x = _array(op, "log_alpha", log_alpha, 2), _array(op, "logits", logits, 3)
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{op}: logits must be [B, K, V] with K > 0 and V > 0, got {list(x.shape)}")
+    if la.shape != x.shape[:2]:
+        raise ValueError(f"{op}: log_alpha must be [B, K] = {list(x.shape[:2])} (from logits), got {list(la.shape)}")
+    if np.isnan(la).any() or (la == np.inf).any() or not np.isfinite(la).any(axis=1).all():
+        raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row, got {la}")
+    return la, x
+
+
+def _number(op: str, name: str, x: Any, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x) \
+            or x < low or x > high or (low_open and x == low):
+        raise ValueError(f"{op}: {name} must be in {'(' if low_open else '['}{low}, {high}], got {x!r}")
+    return float(x)
+
+
+def _marg_torch(op: str, la: np.ndarray, x: np.ndarray, temperature: float) -> np.ndarray:
+    import torch
+
+    out = reference.rag_token_marg_torch(torch.from_numpy(la), torch.from_numpy(x), temperature).numpy()
+    if np.isnan(out).any() or (out == np.inf).any():
+        b, i = np.argwhere(np.isnan(x).any(-1) | (x == np.inf).any(-1) | ~np.isfinite(x).any(-1))[0]
+        raise ValueError(f"{op}: logits row (b={b}, k={i}) contains NaN or +Inf, or has no finite value")
+    return out
+
+
+def rag_token_marg(
+    log_alpha: Any, logits: Any, *, temperature: float = 1.0, threads: int | None = None,
+    backend: str | None = None, isa: str | None = None,
+) -> np.ndarray:
+    """RAG-Token marginal: log p [B, V] = logsumexp_i(log_alpha_i + log_softmax(logits_i / T)).
+
+    log_alpha [B, K] float32 (finite or -inf, used as given); logits [B, K, V]
+    float32 (-inf allowed; NaN/+Inf, or a row with no finite value, raise).
+    temperature > 0. Returns float32 numpy [B, V].
+    """
+    op = "rag_token_marg"
+    name = resolve_backend(op, backend, ("cpu", "torch"), is_cuda(logits))
+    t = _number(op, "temperature", temperature, 0.0, np.inf, low_open=True)
+    la, x = _marg_inputs(op, log_alpha, logits)
+    if name == "torch":
+        return _marg_torch(op, la, x, t)
+    return _ext.require_cpu_ext().rag_token_marg(la, x, t, resolve_threads(op, threads), isa or "")
+
+
+def rag_token_sample(
+    log_alpha: Any, logits: Any, sampling: Any = None, *, generator: np.random.Generator | None = None,
+    threads: int | None = None, backend: str | None = None, isa: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one token per row from the RAG-Token marginal (temperature-1 rag_token_marg).
+
+    sampling: any object with temperature, top_k, top_p, min_p, seed (e.g.
+    rag_engine.generator.SamplingParams); None = plain sampling at temperature 1.
+    Applied in the generator's order: temperature on the marginal log-probs (0 =
+    greedy argmax), top_k (ties kept), top_p, min_p, then the inverse CDF in
+    token-id order (see reference.sample_log_probs). Random stream: row b uses
+    the b-th of `generator.random(B)`, generator = np.random.default_rng(seed)
+    when not given, so the reference reproduces every draw.
+    Returns (tokens [B] int64, logprobs [B] float32: marginal log-prob of each token).
+    """
+    op = "rag_token_sample"
+    name = resolve_backend(op, backend, ("cpu", "torch"), is_cuda(logits))
+    get = lambda attr, default: default if sampling is None else getattr(sampling, attr, default)  # noqa: E731
+    temperature = _number(op, "temperature", get("temperature", 1.0), 0.0, np.inf)
+    top_p = _number(op, "top_p", get("top_p", 1.0), 0.0, 1.0, low_open=True)
+    min_p = _number(op, "min_p", get("min_p", 0.0), 0.0, 1.0)
+    top_k = get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < -1:
+        raise ValueError(f"{op}: top_k must be an int >= -1 (0 or -1: off), got {top_k!r}")
+    la, x = _marg_inputs(op, log_alpha, logits)
+    rng = generator if generator is not None else np.random.default_rng(get("seed", None))
+    u = rng.random(la.shape[0])
+    if name == "torch":
+        lp = _marg_torch(op, la, x, 1.0)
+        tokens = reference.sample_log_probs(lp, u, temperature, int(top_k), top_p, min_p)
+        return tokens, lp[np.arange(lp.shape[0]), tokens]
+    return _ext.require_cpu_ext().rag_token_sample(
+        la, x, temperature, max(int(top_k), 0), top_p, min_p, u, resolve_threads(op, threads), isa or "")

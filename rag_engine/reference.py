@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from rag_engine.corpus import CorpusMatrix
@@ -67,3 +68,135 @@ def topk_ip_torch(queries: Any, corpus: CorpusMatrix, k: int, allow: np.ndarray 
 
 def _rows(c: CorpusMatrix, a: int, b: int) -> tuple[np.ndarray, str, np.ndarray | None]:
     return c.data[a:b], c.dtype, None if c.scales is None else c.scales[a:b]
+
+
+# ---------------------------------------------------------------------------
+# fusion_softmax
+# ---------------------------------------------------------------------------
+
+
+def doc_values(docs: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Document rows as floats: uint16 arrays are bfloat16 bits (CorpusMatrix bf16 storage)."""
+    d = np.asarray(docs)
+    if d.dtype == np.uint16:
+        d = d.view(ml_dtypes.bfloat16)
+    return d.astype(dtype)
+
+
+def fusion_softmax(
+    h_in: Any, docs: Any, W_a: Any = None, mask: Any = None, dtype: Any = np.float64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear attention fusion in `dtype` (float64 by default).
+
+    h_in [B, D]; docs [B, K, D]; W_a [D, D] or None (identity); mask [B, K] bool
+    (False = padded) or None. Returns alpha [B, K] = softmax_k(h_inᵀ W_a d_k) over
+    the unmasked slots, h_aug [B, D] = Σ_k alpha_k d_k, and the raw scores [B, K]
+    (-inf where masked). A row with every slot masked gets alpha 0 and h_aug 0.
+    """
+    h = np.asarray(h_in, dtype)
+    d = doc_values(docs, dtype)
+    u = h if W_a is None else h @ np.asarray(W_a, dtype)
+    valid = np.ones(d.shape[:2], bool) if mask is None else np.asarray(mask, bool)
+    s = np.where(valid, np.einsum("bd,bkd->bk", u, d), -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    e = np.where(valid, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    total = e.sum(axis=1, keepdims=True)
+    alpha = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return alpha, np.einsum("bk,bkd->bd", alpha, np.where(valid[..., None], d, 0.0)), s
+
+
+def fusion_softmax_torch(h_in: Any, docs: Any, W_a: Any = None, mask: Any = None) -> tuple[Any, Any, Any]:
+    """torch version (the `torch` backend and the benchmark contender), torch tensors out.
+
+    Same contract as `fusion_softmax`; inputs are torch tensors or numpy arrays
+    (uint16 = bfloat16 bits; half/bf16 documents are widened to float32).
+    """
+    import torch
+
+    def tensor(x: Any) -> Any:
+        if not isinstance(x, np.ndarray):
+            return x
+        if x.dtype == np.uint16:  # bfloat16 bits
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(x).float() if x.dtype == np.float16 else torch.from_numpy(x)
+
+    h_in, docs, W_a, mask = (None if x is None else tensor(x) for x in (h_in, docs, W_a, mask))
+    u = h_in if W_a is None else h_in @ W_a
+    s = torch.einsum("bd,bkd->bk", u, docs)
+    if mask is None:
+        alpha = torch.softmax(s, dim=-1)
+    else:
+        s = s.masked_fill(~mask, float("-inf"))
+        alpha = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
+    return alpha, torch.einsum("bk,bkd->bd", alpha, docs), s
+
+
+def fusion_softmax_gather_torch(h_in: Any, corpus: Any, ids: Any, W_a: Any = None) -> tuple[Any, Any, Any]:
+    """torch index_select of the K rows per query, then `fusion_softmax_torch` (benchmark contender)."""
+    docs = corpus.index_select(0, ids.reshape(-1)).view(ids.shape[0], ids.shape[1], corpus.shape[1])
+    return fusion_softmax_torch(h_in, docs, W_a)
+
+
+# ---------------------------------------------------------------------------
+# rag_token_marg / rag_token_sample
+# ---------------------------------------------------------------------------
+
+
+def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    """Stable log Σ exp along `axis` (an all -inf slice gives -inf)."""
+    m = x.max(axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def rag_token_marg(log_alpha: Any, logits: Any, temperature: float = 1.0, dtype: Any = np.float64) -> np.ndarray:
+    """log p [B, V] = logsumexp_i(log_alpha[:, i] + log_softmax(logits[:, i] / T)) in `dtype`.
+
+    log_alpha [B, K], logits [B, K, V].
+    """
+    x = np.asarray(logits, dtype) / np.asarray(temperature, dtype)
+    log_p = x - logsumexp(x, axis=-1)[..., None]
+    return logsumexp(np.asarray(log_alpha, dtype)[..., None] + log_p, axis=1)
+
+
+def rag_token_marg_torch(log_alpha: Any, logits: Any, temperature: float = 1.0) -> Any:
+    """torch version in the inputs' dtype (the `torch` backend and the benchmark contender)."""
+    import torch
+
+    x = logits if temperature == 1.0 else logits / temperature
+    return torch.logsumexp(log_alpha[..., None] + torch.log_softmax(x, dim=-1), dim=1)
+
+
+def sample_log_probs(
+    log_probs: Any, uniforms: Any, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> np.ndarray:
+    """One token per row of log_probs [B, V] float32; the rules of rag_token_sample.
+
+    Per row: z = log_probs / temperature (float32, as the kernel divides), w = exp(z - max z)
+    (float64); top_k keeps z >= the k-th largest z (ties kept); top_p keeps tokens, in
+    order of z descending then id, while the mass before them is < top_p * Σw; min_p
+    keeps w >= min_p (p >= min_p * p_max); the token is the first, in id order, whose
+    cumulative kept weight exceeds uniforms[b] * Σw. temperature 0: first argmax.
+    """
+    lp = np.asarray(log_probs, np.float32)
+    out = np.empty(lp.shape[0], np.int64)
+    for b, row in enumerate(lp):
+        if temperature == 0:
+            out[b] = int(np.argmax(row))
+            continue
+        z = row / np.float32(temperature)
+        w = np.exp(z.astype(np.float64) - float(z.max()))
+        if 0 < top_k < z.size:
+            w[z < np.partition(z, -top_k)[-top_k]] = 0.0
+        if top_p < 1.0:
+            order = np.lexsort((np.arange(z.size), -z))
+            order = order[w[order] > 0]
+            before = np.cumsum(w[order]) - w[order]
+            w[order[before >= top_p * w.sum()]] = 0.0
+        if min_p > 0.0:
+            w[w < min_p] = 0.0
+        cdf = np.cumsum(w)
+        out[b] = min(int(np.searchsorted(cdf, float(uniforms[b]) * cdf[-1], side="right")), z.size - 1)
+    return out

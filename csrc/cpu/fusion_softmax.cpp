@@ -1,0 +1,64 @@
+// Driver of fusion_softmax: U = H W_a split by column panels across threads,
+// then the batch rows split across threads for the online-softmax pass.
+#include "fusion_softmax.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+namespace rag_engine {
+namespace {
+
+FusionKernels pick_fusion_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return fusion_kernels_avx512();
+    case Isa::kAvx2: return fusion_kernels_avx2();
+    case Isa::kScalar: break;
+  }
+  return fusion_kernels_scalar();
+}
+
+// Multiply-adds one thread should have before a second one pays for its
+// wake-up (a few microseconds): below this the call stays single-threaded.
+constexpr int64_t kWorkPerThread = 96 * 1024;
+
+}  // namespace
+
+int64_t fusion_softmax_cpu(const FusionSoftmaxArgs& a) {
+  const FusionKernels kern = pick_fusion_kernels(a.isa);
+  const int64_t panels = a.w != nullptr ? (a.d + kern.gemm_panel - 1) / kern.gemm_panel : 0;
+  const int64_t work = (a.w != nullptr ? a.b * a.d * a.d : 0) + 2 * a.b * a.k * a.d;
+  int64_t nt = a.threads > 0 ? a.threads : omp_get_max_threads();
+  nt = std::max<int64_t>(1, std::min({nt, std::max(a.b, panels), work / kWorkPerThread + 1}));
+
+  std::vector<float> ubuf(a.w != nullptr ? static_cast<size_t>(a.b * a.d) : 0);
+  const float* u = a.w != nullptr ? ubuf.data() : a.h_in;
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+
+#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
+  {
+    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (a.w != nullptr) {
+      const int64_t p0 = panels * t / nth, p1 = panels * (t + 1) / nth;
+      if (p0 < p1)
+        kern.gemm_cols(a.h_in, a.b, a.d, a.w, p0 * kern.gemm_panel,
+                       std::min(a.d, p1 * kern.gemm_panel), ubuf.data());
+#pragma omp barrier
+    }
+    int64_t first_bad = std::numeric_limits<int64_t>::max();
+    for (int64_t b = a.b * t / nth; b < a.b * (t + 1) / nth; ++b) {
+      const int64_t j = kern.row(a, u + b * a.d, b);
+      if (j >= 0) first_bad = std::min(first_bad, b * a.k + j);
+    }
+    int64_t cur = bad.load();
+    while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
+    }
+  }
+  const int64_t out = bad.load();
+  return out == std::numeric_limits<int64_t>::max() ? -1 : out;
+}
+
+}  // namespace rag_engine

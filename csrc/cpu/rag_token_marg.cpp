@@ -1,0 +1,103 @@
+// Driver of rag_token_marg: (row, chunk) work items split across threads,
+// pass 1 and pass 2 of an item on the same thread (its chunk stays in cache).
+#include "rag_token_marg.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace rag_engine {
+
+MargKernels pick_marg_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return marg_kernels_avx512();
+    case Isa::kAvx2: return marg_kernels_avx2();
+    case Isa::kScalar: break;
+  }
+  return marg_kernels_scalar();
+}
+
+namespace {
+
+constexpr int64_t kChunk = 4096;             // logits per chunk: 16 KiB, fits L1
+constexpr int64_t kWorkPerThread = 64 * 1024;  // logits a second thread must get to pay off
+
+// c[i] = log_alpha[i] - log Σ_t exp(x_it / T) from the per-chunk (max, sum)
+// partials, merged in chunk order (double, so the merge adds no error).
+// Returns -1 or the first document i whose row is NaN/+Inf or all -inf.
+int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, int64_t k,
+                    int64_t nchunks, float* c) {
+  for (int64_t i = 0; i < k; ++i) {
+    const float* m = pm + i * nchunks;
+    const float* s = ps + i * nchunks;
+    const float mx = *std::max_element(m, m + nchunks);
+    if (!std::isfinite(mx)) return i;
+    double sum = 0.0;
+    for (int64_t ch = 0; ch < nchunks; ++ch)
+      if (m[ch] != -std::numeric_limits<float>::infinity())
+        sum += static_cast<double>(s[ch]) * std::exp(static_cast<double>(m[ch]) - mx);
+    if (!std::isfinite(sum)) return i;
+    c[i] = static_cast<float>(static_cast<double>(log_alpha[i]) - (mx + std::log(sum)));
+  }
+  return -1;
+}
+
+}  // namespace
+
+int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
+  const MargKernels kern = pick_marg_kernels(a.isa);
+  const int64_t nchunks = (a.v + kChunk - 1) / kChunk;
+  int64_t nt = a.threads > 0 ? a.threads : omp_get_max_threads();
+  nt = std::max<int64_t>(1, std::min({nt, a.b * nchunks, a.b * a.k * a.v / kWorkPerThread + 1}));
+  // Rows handled between two barriers: enough (row, chunk) items to keep every thread busy.
+  const int64_t group = std::clamp<int64_t>((4 * nt + nchunks - 1) / nchunks, 1, a.b);
+
+  // Per (b, i, chunk): max and Σ exp of the chunk. Laid out [b][i][chunk].
+  std::vector<float> pm(static_cast<size_t>(a.b * a.k * nchunks));
+  std::vector<float> ps(pm.size());
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+
+#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
+  {
+    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+    std::vector<float> c(static_cast<size_t>(a.k));
+    int64_t first_bad = std::numeric_limits<int64_t>::max();
+    for (int64_t g0 = 0; g0 < a.b; g0 += group) {
+      const int64_t items = (std::min(a.b, g0 + group) - g0) * nchunks;
+      const int64_t it0 = items * t / nth, it1 = items * (t + 1) / nth;
+      for (int64_t it = it0; it < it1; ++it) {
+        const int64_t b = g0 + it / nchunks, ch = it % nchunks;
+        const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
+        for (int64_t i = 0; i < a.k; ++i) {
+          const size_t slot = static_cast<size_t>((b * a.k + i) * nchunks + ch);
+          kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot]);
+        }
+      }
+#pragma omp barrier
+      int64_t have = -1;  // row whose offsets are in c
+      for (int64_t it = it0; it < it1; ++it) {
+        const int64_t b = g0 + it / nchunks, ch = it % nchunks;
+        if (b != have) {
+          const size_t base = static_cast<size_t>(b * a.k * nchunks);
+          const int64_t i = doc_offsets(a.log_alpha + b * a.k, &pm[base], &ps[base], a.k, nchunks, c.data());
+          if (i >= 0) first_bad = std::min(first_bad, b * a.k + i);
+          have = b;
+        }
+        const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
+        kern.combine(a.logits + b * a.k * a.v + v0, a.v, c.data(), a.k, n, a.inv_temperature,
+                     a.out + b * a.v + v0);
+      }
+    }
+    int64_t cur = bad.load();
+    while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
+    }
+  }
+  const int64_t out = bad.load();
+  return out == std::numeric_limits<int64_t>::max() ? -1 : out;
+}
+
+}  // namespace rag_engine

@@ -1,0 +1,73 @@
+// RAG-Token marginalisation over documents, and sampling from the marginal (CPU).
+//
+//   out[b, t] = logsumexp_i( log_alpha[b, i] + log_softmax(logits[b, i, :] / T)[t] )
+//
+// Two streaming passes over V per (b, i), never a [B, K, V] temporary:
+//  1. per chunk of V, the max and Σ exp(x/T - max) of every document row
+//     (one exp per logit), merged over chunks into lse_i = log Σ_t exp(x_t/T);
+//  2. per chunk, for each token, a logsumexp over the K values
+//     log_alpha_i - lse_i + x_i/T with a per-token max (so tiny probabilities
+//     keep their exact log instead of underflowing).
+// A chunk is 16 KiB and both passes over it run on the same thread, so the
+// second pass reads it from L1/L2. Chunk partials are merged in a fixed order:
+// the result does not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_features.h"
+
+namespace rag_engine {
+
+struct RagTokenMargArgs {
+  const float* log_alpha = nullptr;  // [b, k]; -inf = document with weight 0
+  const float* logits = nullptr;     // [b, k, v]
+  int64_t b = 0;
+  int64_t k = 0;
+  int64_t v = 0;
+  float inv_temperature = 1.0f;      // > 0
+  int threads = 0;                   // <= 0: OpenMP default
+  Isa isa = Isa::kScalar;
+  float* out = nullptr;              // [b, v]
+};
+
+// Returns -1, or the flat index b * k + i of the first logits row holding a
+// NaN or +Inf, or no finite value at all; the caller raises.
+int64_t rag_token_marg_cpu(const RagTokenMargArgs& args);
+
+// Sampling from the marginal, in the order of the generator's Sampler:
+// temperature (0 = greedy argmax), top_k (ties at the k-th value kept), top_p
+// (smallest most-likely prefix, ties by lower id, reaching top_p), min_p (p >=
+// min_p * p_max); then the inverse CDF in token-id order at uniforms[b] * total.
+struct RagTokenSampleArgs {
+  float temperature = 1.0f;          // >= 0, applied to the marginal log-probs
+  int64_t top_k = 0;                 // <= 0: off
+  double top_p = 1.0;                // (0, 1]
+  double min_p = 0.0;                // [0, 1]
+  const double* uniforms = nullptr;  // [b] in [0, 1)
+  int64_t* tokens = nullptr;         // [b]
+  float* logprobs = nullptr;         // [b] marginal log-prob (temperature 1) of the token
+};
+
+// args.out receives the marginal at temperature 1 (scratch of [b, v]).
+// Same return convention as rag_token_marg_cpu.
+int64_t rag_token_sample_cpu(const RagTokenMargArgs& args, const RagTokenSampleArgs& sample);
+
+// Per-ISA pieces (rag_token_marg_{scalar,avx2,avx512}.cpp).
+struct MargKernels {
+  // *m = max_t x_t * it (-inf if every x_t is -inf), *s = Σ_t exp(x_t * it - *m).
+  void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s);
+  // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n.
+  void (*combine)(const float* x, int64_t stride, const float* c, int64_t k, int64_t n, float it,
+                  float* out);
+  // w[t] = exp(z[t] - shift); returns Σ_t w[t].
+  double (*exp_shift)(const float* z, int64_t n, float shift, float* w);
+  float (*max)(const float* x, int64_t n);
+};
+
+MargKernels marg_kernels_scalar();
+MargKernels marg_kernels_avx2();
+MargKernels marg_kernels_avx512();
+MargKernels pick_marg_kernels(Isa isa);
+
+}  // namespace rag_engine

@@ -1,0 +1,271 @@
+// SIMD traits with vectorised exp/log for the fusion_softmax and rag_token_marg
+// kernels. Each ISA's struct exists only in the translation unit compiled with
+// that ISA's flags (see CMakeLists.txt), and everything lives in an anonymous
+// namespace so no inline function compiled for AVX-512 can be picked by the
+// linker for a scalar path.
+//
+// exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and the Cephes
+// expf polynomial (about 1 ulp on [-87, 88]); exp(-inf) = 0 exactly and NaN
+// propagates (the kernels rely on both: padded entries and NaN detection).
+// log: Cephes logf on the mantissa in [sqrt(1/2), sqrt(2)) (about 1 ulp), for
+// positive normal inputs only (the kernels never pass anything else).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace rag_engine {
+namespace {
+
+// Storage types of document rows (bits only; widened to fp32 on load).
+struct Bf16Bits { uint16_t bits; };
+struct F16Bits { uint16_t bits; };
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;      // ln2 split in two for exact n*ln2
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f, kExpP1 = 1.3981999507e-3f, kExpP2 = 8.3334519073e-3f,
+                kExpP3 = 4.1665795894e-2f, kExpP4 = 1.6666665459e-1f, kExpP5 = 5.0000001201e-1f;
+constexpr float kLogP[9] = {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f,
+                            -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                            2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f};
+constexpr float kSqrt2 = 1.41421356237f;
+
+// Shared polynomial parts, written over the traits' arithmetic.
+template <class S>
+inline typename S::V exp_poly(typename S::V r) {  // e^r for |r| <= ln2/2
+  using V = typename S::V;
+  V p = S::fma(S::set1(kExpP0), r, S::set1(kExpP1));
+  p = S::fma(p, r, S::set1(kExpP2));
+  p = S::fma(p, r, S::set1(kExpP3));
+  p = S::fma(p, r, S::set1(kExpP4));
+  p = S::fma(p, r, S::set1(kExpP5));
+  const V r2 = S::mul(r, r);
+  return S::add(S::fma(p, r2, r), S::set1(1.0f));
+}
+
+template <class S>
+inline typename S::V log1p_poly(typename S::V f, typename S::V e) {  // log((1 + f) 2^e)
+  using V = typename S::V;
+  V p = S::set1(kLogP[0]);
+  for (int i = 1; i < 9; ++i) p = S::fma(p, f, S::set1(kLogP[i]));
+  const V z = S::mul(f, f);
+  V y = S::mul(S::mul(p, f), z);
+  y = S::fma(e, S::set1(kLn2Lo), y);
+  y = S::fma(S::set1(-0.5f), z, y);
+  return S::fma(e, S::set1(kLn2Hi), S::add(f, y));
+}
+
+#if defined(__AVX512F__)
+struct SimdAvx512 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static constexpr int kGemmRows = 8;   // u = h W: 8 rows x 3 vectors = 24 accumulators
+  static constexpr int kGemmVecs = 3;
+  static __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static V gt_select(V a, V b, V x, V y) {  // a > b ? x : y
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const Bf16Bits* p) {  // bf16 -> fp32 is exact: the bits move to the top half
+    return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V load(const F16Bits* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // First n (< W) elements, the rest zero; masked loads never touch memory past p + n.
+  static V load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
+  static V load_n_or(const float* p, int64_t n, float fill) {  // lanes >= n hold `fill`
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p);
+  }
+  static V load_n(const Bf16Bits* p, int64_t n) {
+    return widen_bf16(_mm256_maskz_loadu_epi16(tail_mask(n), p));
+  }
+  static V load_n(const F16Bits* p, int64_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail_mask(n), p));
+  }
+  static V load_n(const int8_t* p, int64_t n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), p)));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store_n(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+  static V exp(V x) {
+    // Clamp first (operand order keeps NaN); scalef turns 2^n into 0/denormal/inf exactly.
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), x));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    return _mm512_scalef_ps(exp_poly<SimdAvx512>(r), n);
+  }
+  static V log(V x) {
+    V m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
+    V e = _mm512_getexp_ps(x);
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrt2), _CMP_GT_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+    return log1p_poly<SimdAvx512>(_mm512_sub_ps(m, _mm512_set1_ps(1.0f)), e);
+  }
+
+ private:
+  static V widen_bf16(__m256i w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+  }
+};
+#endif  // __AVX512F__
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+struct SimdAvx2 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int kGemmRows = 4;   // 4 x 3 accumulators + 3 loads + 1 broadcast = 16 ymm
+  static constexpr int kGemmVecs = 3;
+  static __m256i tail_mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V gt_select(V a, V b, V x, V y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const Bf16Bits* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static V load(const F16Bits* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V load_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, tail_mask(n)); }
+  static V load_n_or(const float* p, int64_t n, float fill) {
+    const __m256i m = tail_mask(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  template <class T>
+  static V load_n(const T* p, int64_t n) {  // 16-/8-bit rows: through a zeroed buffer
+    T tmp[W];
+    std::memset(static_cast<void*>(tmp), 0, sizeof(tmp));
+    std::memcpy(static_cast<void*>(tmp), p, static_cast<size_t>(n) * sizeof(T));
+    return load(tmp);
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store_n(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, tail_mask(n), v); }
+  static V exp(V x) {
+    // 2^n is built in the exponent field, valid for n >= -126: below -87.3 the
+    // result is set to 0 (the exact answer is < 1.2e-38).
+    const V lo = _mm256_set1_ps(-87.3f);
+    const V under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V y = _mm256_mul_ps(exp_poly<SimdAvx2>(r), _mm256_castsi256_ps(bits));
+    return _mm256_andnot_ps(under, y);
+  }
+  static V log(V x) {
+    const __m256i xi = _mm256_castps_si256(x);
+    V e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
+    V m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x7fffff)),
+                                              _mm256_set1_epi32(0x3f800000)));  // [1, 2)
+    const V big = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrt2), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+    e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+    return log1p_poly<SimdAvx2>(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), e);
+  }
+};
+#endif  // __AVX2__ only
+
+#if !defined(__AVX2__) && !defined(__AVX512F__)
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t mant = h & 0x3ff;
+  float mag;
+  if (exp == 0) mag = std::ldexp(static_cast<float>(mant), -24);  // subnormal
+  else if (exp == 31) mag = mant ? NAN : INFINITY;
+  else mag = std::ldexp(static_cast<float>(mant | 0x400), exp - 25);
+  uint32_t bits;
+  std::memcpy(&bits, &mag, sizeof(bits));
+  bits |= sign;
+  std::memcpy(&mag, &bits, sizeof(mag));
+  return mag;
+}
+
+// Portable path: one lane, libm exp/log (also the oracle the SIMD paths are tested against).
+struct SimdScalar {
+  using V = float;
+  static constexpr int W = 1;
+  static constexpr int kGemmRows = 4;
+  static constexpr int kGemmVecs = 4;
+  static V zero() { return 0.0f; }
+  static V set1(float x) { return x; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V max(V a, V b) { return a > b ? a : b; }
+  static float hsum(V v) { return v; }
+  static float hmax(V v) { return v; }
+  static V gt_select(V a, V b, V x, V y) { return a > b ? x : y; }
+  static V load(const float* p) { return *p; }
+  static V load(const Bf16Bits* p) {
+    const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+  static V load(const F16Bits* p) { return half_bits_to_float(p->bits); }
+  static V load(const int8_t* p) { return static_cast<float>(*p); }
+  template <class T>
+  static V load_n(const T* p, int64_t n) { return n > 0 ? load(p) : 0.0f; }
+  static V load_n_or(const float* p, int64_t n, float fill) { return n > 0 ? *p : fill; }
+  static void store(float* p, V v) { *p = v; }
+  static void store_n(float* p, V v, int64_t n) {
+    if (n > 0) *p = v;
+  }
+  static V exp(V x) { return std::exp(x); }
+  static V log(V x) { return std::log(x); }
+};
+#endif  // scalar
+
+}  // namespace
+}  // namespace rag_engine
