@@ -128,6 +128,7 @@ def fusion_softmax_torch(h_in: Any, docs: Any, W_a: Any = None, mask: Any = None
     else:
         s = s.masked_fill(~mask, float("-inf"))
         alpha = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
+        docs = docs.masked_fill(~mask[..., None], 0.0)  # a padded slot is never read
     return alpha, torch.einsum("bk,bkd->bd", alpha, docs), s
 
 

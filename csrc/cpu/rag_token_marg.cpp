@@ -25,6 +25,7 @@ namespace {
 
 constexpr int64_t kChunk = 4096;             // logits per chunk: 16 KiB, fits L1
 constexpr int64_t kWorkPerThread = 64 * 1024;  // logits a second thread must get to pay off
+constexpr int64_t kGroupLogits = 256 * 1024;   // 1 MiB: pass 2 still finds the group in L2/L3
 
 // c[i] = log_alpha[i] - log Σ_t exp(x_it / T) from the per-chunk (max, sum)
 // partials, merged in chunk order (double, so the merge adds no error).
@@ -53,8 +54,11 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
   const int64_t nchunks = (a.v + kChunk - 1) / kChunk;
   int64_t nt = a.threads > 0 ? a.threads : omp_get_max_threads();
   nt = std::max<int64_t>(1, std::min({nt, a.b * nchunks, a.b * a.k * a.v / kWorkPerThread + 1}));
-  // Rows handled between two barriers: enough (row, chunk) items to keep every thread busy.
-  const int64_t group = std::clamp<int64_t>((4 * nt + nchunks - 1) / nchunks, 1, a.b);
+  // Rows handled between two barriers: enough (row, chunk) items to keep every
+  // thread busy, and about kGroupLogits logits so that short rows do not pay a
+  // barrier each (a barrier costs a time slice when another process holds a core).
+  const int64_t group = std::clamp<int64_t>(
+      std::max((4 * nt + nchunks - 1) / nchunks, kGroupLogits / (a.k * a.v)), 1, a.b);
 
   // Per (b, i, chunk): max and Σ exp of the chunk. Laid out [b][i][chunk].
   std::vector<float> pm(static_cast<size_t>(a.b * a.k * nchunks));
