@@ -188,8 +188,13 @@ class PassageIndex:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Compact and write atomically (see rag_engine.retrieval.persist)."""
+    def vectors(self) -> CorpusMatrix:
+        """All rows (deleted ones included: mask them with allow_mask)."""
+        return self._vectors.matrix()
+
+    def save(self, path: str | Path, extra: dict[str, bytes | np.ndarray] | None = None) -> None:
+        """Compact and write atomically (see rag_engine.retrieval.persist); `extra` files
+        (bytes, or arrays saved as .npy) join the same version."""
         root = Path(path)
         live = [p for p in self._passages if p is not None]
         keep = np.array([p.passage_id for p in live], np.int64)
@@ -209,6 +214,11 @@ class PassageIndex:
                             for p in compact])
         db.close()
         BM25Index.build([p.text for p in compact], np.arange(len(compact))).save(version / "bm25")
+        for name, payload in (extra or {}).items():
+            if isinstance(payload, np.ndarray):
+                np.save(version / name, payload)
+            else:
+                (version / name).write_bytes(payload)
         persist.commit_version(root, version, {
             "encoder": self.encoder_name, "dim": self.dim, "dtype": self.dtype,
             "num_passages": len(compact), "num_documents": len({p.doc_id for p in compact})})

@@ -1,0 +1,288 @@
+"""Engine: encoder -> index (ops.topk_ip / BM25) -> fusion (ops.fusion_softmax_gather) -> generator."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rag_engine import ops, prompts
+from rag_engine.corpus import STORAGE_DTYPES
+from rag_engine.errors import IndexFormatError
+from rag_engine.generator import GenerationOutput, Generator, SamplingParams
+from rag_engine.retrieval import hybrid
+from rag_engine.retrieval.chunking import ChunkConfig, chunk_spans
+from rag_engine.retrieval.encoder import Encoder, EncoderConfig
+from rag_engine.retrieval.index import Hit, PassageIndex
+from rag_engine.retrieval.persist import open_version
+
+log = logging.getLogger(__name__)
+
+MODES = ("concat", "rag_token", "rag_sequence", "latent")
+RETRIEVERS = ("dense", "bm25", "hybrid")
+ENGINE_FILE = "engine.json"
+FUSION_FILE = "fusion_w_a.npy"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of the Engine, with working defaults."""
+
+    encoder: str = "default"
+    encoder_precision: str = "fp32"
+    generator: str = "default"
+    generator_precision: str = "fp32"
+    index_dtype: str = "fp32"
+    passage_tokens: int = 128
+    overlap_tokens: int = 32
+    k: int = 4
+    mode: str = "concat"
+    retriever: str = "hybrid"
+    hybrid_fusion: str = "weighted"
+    hybrid_dense_weight: float = 0.7
+    context_tokens: int = 640  # prompt budget for passages in concat mode
+    system_prompt: str = prompts.SYSTEM_PROMPT
+    threads: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("mode", self.mode, MODES), ("retriever", self.retriever, RETRIEVERS),
+                                     ("index_dtype", self.index_dtype, STORAGE_DTYPES),
+                                     ("hybrid_fusion", self.hybrid_fusion, hybrid.FUSIONS)):
+            if value not in allowed:
+                raise ValueError(f"EngineConfig: {name} must be one of {allowed}, got {value!r}")
+        if self.k < 0:
+            raise ValueError(f"EngineConfig: k must be >= 0, got {self.k}")
+        ChunkConfig(self.passage_tokens, self.overlap_tokens)  # validates
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    passage_id: int
+    text: str
+    score: float
+    alpha: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RagOutput:
+    text: str
+    documents: tuple[Document, ...]
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    metrics: dict[str, float]
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return tuple(d.alpha for d in self.documents)
+
+
+class Engine:
+    """Retrieval-augmented generation over an index of passages."""
+
+    def __init__(self, config: EngineConfig, encoder: Encoder, generator: Generator | None,
+                 index: PassageIndex, w_a: np.ndarray | None = None) -> None:
+        self.config, self.encoder, self._generator, self.index = config, encoder, generator, index
+        self.w_a = w_a  # bilinear fusion matrix [D, D]; None = identity (the RAG posterior)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name: str = "default", config: EngineConfig | None = None,
+                        load_generator: bool = True, **overrides: Any) -> Engine:
+        """"default": all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, empty index. Overrides set config fields;
+        `generator=` may be any Hugging Face causal-LM folder."""
+        if name != "default":
+            overrides.setdefault("generator", name)
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        encoder = Encoder.from_pretrained(EncoderConfig(config.encoder, config.encoder_precision,
+                                                        threads=config.threads), config.cache_dir)
+        index = PassageIndex(encoder.name, encoder.dim, config.index_dtype)
+        return cls(config, encoder, cls._load_generator(config) if load_generator else None, index)
+
+    @staticmethod
+    def _load_generator(config: EngineConfig) -> Generator:
+        return Generator.from_pretrained(config.generator, precision=config.generator_precision,
+                                         threads=config.threads, cache_dir=config.cache_dir)
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = self._load_generator(self.config)
+        return self._generator
+
+    def save(self, path: str | Path) -> None:
+        """Index, config and fusion weights, written atomically together."""
+        extra = {ENGINE_FILE: json.dumps(dataclasses.asdict(self.config), indent=1).encode()}
+        if self.w_a is not None:
+            extra[FUSION_FILE] = self.w_a
+        self.index.save(path, extra=extra)
+
+    @classmethod
+    def load(cls, path: str | Path, load_generator: bool = True, verify: bool = True, **overrides: Any) -> Engine:
+        version, _ = open_version(Path(path), verify=verify)
+        try:
+            saved = json.loads((version / ENGINE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexFormatError(f"{path}: missing or unreadable {ENGINE_FILE} ({exc})") from exc
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        config = EngineConfig(**({k: v for k, v in saved.items() if k in fields} | overrides))
+        encoder = Encoder.from_pretrained(EncoderConfig(config.encoder, config.encoder_precision,
+                                                        threads=config.threads), config.cache_dir)
+        index = PassageIndex.load(path, encoder_name=encoder.name, verify=False)
+        if index.dim != encoder.dim:
+            raise IndexFormatError(f"{path}: index dim {index.dim}, encoder dim {encoder.dim}")
+        w_a = np.load(version / FUSION_FILE) if (version / FUSION_FILE).exists() else None
+        if w_a is not None and w_a.shape != (encoder.dim, encoder.dim):
+            raise IndexFormatError(f"{path}: fusion W_a has shape {w_a.shape}, expected "
+                                   f"({encoder.dim}, {encoder.dim})")
+        return cls(config, encoder, cls._load_generator(config) if load_generator else None, index, w_a)
+
+    # ------------------------------------------------------------------ documents
+    def add_documents(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+                      metadata: Sequence[dict[str, Any]] | None = None, progress: bool = True) -> list[str]:
+        """Chunk, encode and index documents; an existing id is replaced. Returns the doc ids."""
+        texts = list(texts)
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"add_documents: got {len(ids)} ids for {len(texts)} texts")
+        if metadata is not None and len(metadata) != len(texts):
+            raise ValueError(f"add_documents: got {len(metadata)} metadata dicts for {len(texts)} texts")
+        ids = [str(i) for i in ids] if ids is not None else [
+            str(len(self.index.doc_ids()) + j) for j in range(len(texts))]
+        chunk_cfg = ChunkConfig(self.config.passage_tokens, self.config.overlap_tokens)
+        for j, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"add_documents: texts[{j}] must be str, got {type(t).__name__}")
+        chunks = []  # (doc index, spans, passages)
+        for j in tqdm(range(len(texts)), desc="chunk documents", disable=not progress):
+            spans = chunk_spans(texts[j], self.encoder.tokenizer, chunk_cfg)
+            if not spans:
+                log.warning("document %r has no text; skipped", ids[j])
+                continue
+            chunks.append((j, spans, [texts[j][a:b] for a, b in spans]))
+        # One batched encoder pass over every passage (length-sorted batches).
+        vecs = self.encoder.encode([p for _, _, ps in chunks for p in ps], progress=progress)
+        row = 0
+        for j, spans, passages in chunks:
+            self.index.add(ids[j], spans, passages, vecs[row : row + len(passages)],
+                           metadata[j] if metadata else None)
+            row += len(passages)
+        return ids
+
+    def delete_documents(self, ids: Sequence[str]) -> int:
+        return self.index.delete([str(i) for i in ids])
+
+    # ------------------------------------------------------------------ retrieval
+    def _retrieve_ids(self, queries: list[str], qvecs: np.ndarray, k: int, retriever: str,
+                      where: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        if retriever not in RETRIEVERS:
+            raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}")
+        if retriever == "dense":
+            return self.index.search_dense(qvecs, k, where, self.config.threads)
+        if retriever == "bm25":
+            return self.index.search_bm25(queries, k, where)
+        depth = max(4 * k, 20)  # candidates from each side before fusion
+        return hybrid.fuse(self.index.search_dense(qvecs, depth, where, self.config.threads),
+                           self.index.search_bm25(queries, depth, where), k, self.config.hybrid_fusion,
+                           self.config.hybrid_dense_weight)
+
+    def retrieve(self, queries: str | Sequence[str], k: int | None = None, retriever: str | None = None,
+                 where: dict[str, Any] | None = None) -> list[list[Hit]]:
+        """Per query, up to k hits (doc_id, passage_id, text, score), best first."""
+        qs = _query_list(queries)
+        k = self.config.k if k is None else _check_k(k)
+        if k == 0:
+            return [[] for _ in qs]
+        qvecs = self.encoder.encode(qs)
+        s, i = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
+        return self.index.hits(s, i)
+
+    def _context(self, qs: list[str], k: int, retriever: str | None, where: dict | None, metrics: dict
+                 ) -> list[list[Document]]:
+        if k == 0:
+            return [[] for _ in qs]
+        t0 = time.perf_counter()
+        qvecs = self.encoder.encode(qs)
+        t1 = time.perf_counter()
+        scores, ids = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
+        t2 = time.perf_counter()
+        if len(self.index) == 0:
+            alpha = np.zeros(ids.shape, np.float32)
+        else:
+            alpha, _ = ops.fusion_softmax_gather(qvecs, self.index.vectors(), ids, self.w_a,
+                                                 threads=self.config.threads)
+        t3 = time.perf_counter()
+        metrics.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), fuse_ms=1e3 * (t3 - t2))
+        docs = []
+        for q, hits in enumerate(self.index.hits(scores, ids)):
+            a = alpha[q][ids[q] >= 0]
+            docs.append([Document(h.doc_id, h.passage_id, h.text, h.score, float(x), h.metadata)
+                         for h, x in zip(hits, a)])
+        return docs
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, queries: str | Sequence[str], params: SamplingParams | None = None, k: int | None = None,
+                 mode: str | None = None, retriever: str | None = None, where: dict[str, Any] | None = None
+                 ) -> list[RagOutput]:
+        """Answer each query; all stages run batched across the queries."""
+        from rag_engine.engine_generate import run_mode
+
+        qs = _query_list(queries)
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        k = self.config.k if k is None else _check_k(k)
+        params = params or SamplingParams(max_tokens=128, temperature=0.0)
+        metrics: dict[str, float] = {}
+        docs = self._context(qs, k, retriever, where, metrics)
+        return run_mode(self, mode, qs, docs, params, metrics)
+
+    def stream(self, query: str, params: SamplingParams | None = None, k: int | None = None,
+               mode: str | None = None, retriever: str | None = None, where: dict[str, Any] | None = None
+               ) -> Iterator[str]:
+        """Yield text deltas of the answer to one query as they are produced."""
+        from rag_engine.engine_generate import stream_mode
+
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        k = self.config.k if k is None else _check_k(k)
+        params = params or SamplingParams(max_tokens=128, temperature=0.0)
+        docs = self._context(_query_list(query), k, retriever, where, {})
+        yield from stream_mode(self, mode, query, docs[0], params)
+
+
+def _query_list(queries: str | Sequence[str]) -> list[str]:
+    qs = [queries] if isinstance(queries, str) else list(queries)
+    if not qs:
+        raise ValueError("expected at least one query, got none")
+    for j, q in enumerate(qs):
+        if not isinstance(q, str):
+            raise TypeError(f"queries[{j}] must be str, got {type(q).__name__}")
+        if not q.strip():
+            raise ValueError(f"queries[{j}] is empty: expected a non-empty question")
+    return qs
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an integer >= 0 (0 = no retrieval), got {k!r}")
+    return int(k)
+
+
+def output_of(gen_out: GenerationOutput, docs: Sequence[Document], metrics: dict) -> RagOutput:
+    m = dict(metrics)
+    gm = gen_out.metrics
+    m.update(prefill_ms=1e3 * gm.ttft_s, decode_ms=1e3 * max(gm.total_s - gm.ttft_s, 0.0),
+             decode_tokens_per_s=gm.decode_tokens_per_s, prompt_tokens=gm.prompt_tokens,
+             completion_tokens=gm.completion_tokens)
+    return RagOutput(gen_out.text, tuple(docs), gen_out.token_ids, gen_out.finish_reason, m)

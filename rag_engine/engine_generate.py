@@ -1,0 +1,100 @@
+"""The Engine's generation modes: prompts per mode, one batched generator run per call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from rag_engine import modes, prompts
+from rag_engine.generator import SamplingParams
+
+# Imported by Engine.generate / Engine.stream only (keeps engine.py small).
+
+
+def _concat_messages(eng, question: str, docs) -> list[dict]:
+    tok = eng.generator.tokenizer
+    order = sorted(range(len(docs)), key=lambda i: -docs[i].alpha)
+    texts = [d.text for d in docs]
+    chosen = prompts.prune_to_budget(texts, order, lambda t: len(tok.encode(t, add_special_tokens=False)),
+                                     eng.config.context_tokens)
+    return prompts.concat_messages(question, [texts[i] for i in chosen], eng.config.system_prompt)
+
+
+def _ordered(docs, chosen_first: Sequence[int] | None = None):
+    return tuple(sorted(docs, key=lambda d: -d.alpha))
+
+
+def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, metrics: dict) -> list:
+    from rag_engine.engine import RagOutput, output_of
+
+    if mode == "latent":
+        raise NotImplementedError("mode='latent' needs trained fusion weights (rag_engine.train); "
+                                  "use 'concat', 'rag_token' or 'rag_sequence'")
+    gen = eng.generator
+    t0 = time.perf_counter()
+    if mode == "concat" or all(not d for d in docs):
+        outs = gen.generate([_concat_messages(eng, q, d) for q, d in zip(qs, docs)], params)
+        return [output_of(o, _ordered(d), metrics) for o, d in zip(outs, docs)]
+    k = max(len(d) for d in docs)
+    doc_msgs = [[prompts.concat_messages(q, [d[i].text if i < len(d) else ""], eng.config.system_prompt)
+                 if i < len(d) else prompts.concat_messages(q, []) for i in range(k)] for q, d in zip(qs, docs)]
+    log_alpha = np.full((len(qs), k), -np.inf, np.float32)
+    for qi, d in enumerate(docs):
+        a = np.array([x.alpha for x in d], np.float64)
+        if len(a) == 0 or a.sum() <= 0:
+            log_alpha[qi, 0] = 0.0  # no documents: the bare-question row carries all the mass
+        else:
+            log_alpha[qi, : len(a)] = np.log(np.maximum(a, 1e-30))
+    if mode == "rag_sequence":
+        p = params if params.logprobs is not None else _with_logprobs(params)
+        flat = gen.generate([m for group in doc_msgs for m in group], p)
+        results = []
+        for qi, d in enumerate(docs):
+            group = flat[qi * k : (qi + 1) * k]
+            best = modes.choose_sequence(group, log_alpha[qi])
+            results.append(output_of(group[best], _ordered(d), metrics | {"rag_sequence_choice": best}))
+        return results
+    # rag_token
+    doc_ids = [[gen.encode(m) for m in group] for group in doc_msgs]
+    rows = [modes.make_row(gen, gen.encode(prompts.concat_messages(q, [])), params) for q in qs]
+    for r in rows:
+        r.t_start = t0
+    for _ in modes.rag_token_generate(gen, doc_ids, log_alpha, [params] * len(qs), rows):
+        pass
+    out = []
+    for r, d in zip(rows, docs):
+        dt = max(r.t_done - r.t_first, 1e-9)
+        m = dict(metrics, prefill_ms=1e3 * (r.t_first - r.t_start), decode_ms=1e3 * dt,
+                 decode_tokens_per_s=(len(r.tokens) - 1) / dt if len(r.tokens) > 1 else 0.0,
+                 prompt_tokens=sum(len(x) for x in doc_ids[0]), completion_tokens=len(r.tokens))
+        out.append(RagOutput(r.text, _ordered(d), tuple(r.tokens), r.finish_reason or "length", m))
+    return out
+
+
+def _with_logprobs(params: SamplingParams) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, logprobs=0)
+
+
+def stream_mode(eng, mode: str, question: str, docs, params: SamplingParams) -> Iterator[str]:
+    if mode == "concat" or not docs:
+        yield from eng.generator.stream(_concat_messages(eng, question, docs), params)
+        return
+    if mode == "rag_token":
+        gen = eng.generator
+        k = len(docs)
+        doc_ids = [[gen.encode(prompts.concat_messages(question, [d.text], eng.config.system_prompt))
+                    for d in docs]]
+        la = np.log(np.maximum(np.array([[d.alpha for d in docs]], np.float64), 1e-30)).astype(np.float32)
+        row = modes.make_row(gen, gen.encode(prompts.concat_messages(question, [])), params)
+        assert la.shape == (1, k)
+        for events in modes.rag_token_generate(gen, doc_ids, la, [params], [row]):
+            for _, delta in events:
+                if delta:
+                    yield delta
+        return
+    (out,) = run_mode(eng, mode, [question], [docs], params, {})
+    yield out.text
