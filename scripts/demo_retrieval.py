@@ -1,7 +1,7 @@
 """Retrieval demo: a random 1M x 384 corpus searched by topk_ip and by faiss IndexFlatIP.
 
 Checks that both return the same neighbours, then prints a short timing
-comparison (2 threads each). Run through `make demo`.
+comparison (2 threads each). Run through `make demo-retrieval`.
 """
 
 from __future__ import annotations
