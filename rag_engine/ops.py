@@ -331,14 +331,15 @@ def _gather_cpu(h, c, ids, w, m, return_scores, threads, isa):
 
 
 def _gather_torch(h, c, ids, w, m, return_scores, threads, isa):
-    rows = np.maximum(ids, 0).reshape(-1)
-    scales = None if c.scales is None else c.scales[rows]
-    docs = CorpusMatrix(c.data[rows], c.dtype, scales).to_float().reshape(*ids.shape, c.dim)
     valid = ids >= 0 if m is None else m & (ids >= 0)
-    return _fusion_torch("fusion_softmax_gather", h, docs, w, valid, return_scores)
+    return _fusion_torch("fusion_softmax_gather", h, reference.gather_rows(c, ids), w, valid, return_scores)
 
 
-def _corpus(op: str, x: Any) -> CorpusMatrix:
+def as_corpus_matrix(x: Any, op: str = "as_corpus_matrix") -> CorpusMatrix:
+    """CorpusMatrix over a float32/float16/bfloat16 [N, D] array or tensor, without copying
+    (a uint16 array is bfloat16 bits); a CorpusMatrix is returned as is."""
+    if isinstance(x, CorpusMatrix):
+        return x
     a = _array(op, "corpus", x, 2, (np.float32, np.float16, np.uint16))
     return CorpusMatrix(a, {np.float32: "fp32", np.float16: "fp16", np.uint16: "bf16"}[a.dtype.type])
 
@@ -359,7 +360,7 @@ def fusion_softmax_gather(
     """
     op = "fusion_softmax_gather"
     name = resolve_backend(op, backend, tuple(_FUSION_SOFTMAX_GATHER_IMPLS), is_cuda(h_in) or is_cuda(ids))
-    c = corpus if isinstance(corpus, CorpusMatrix) else _corpus(op, corpus)
+    c = as_corpus_matrix(corpus, op)
     i = as_numpy(ids, "ids", op)
     if i.dtype.kind not in "iu" or i.ndim != 2:
         raise TypeError(f"{op}: ids must be an integer [B, K] array, got {i.dtype} of shape {tuple(i.shape)}")

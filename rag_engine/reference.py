@@ -132,6 +132,13 @@ def fusion_softmax_torch(h_in: Any, docs: Any, W_a: Any = None, mask: Any = None
     return alpha, torch.einsum("bk,bkd->bd", alpha, docs), s
 
 
+def gather_rows(corpus: CorpusMatrix, ids: np.ndarray) -> np.ndarray:
+    """float32 copy of corpus rows at ids [B, K] (-1 reads row 0: callers mask it) -> [B, K, D]."""
+    rows = np.maximum(ids, 0).reshape(-1)
+    scales = None if corpus.scales is None else corpus.scales[rows]
+    return CorpusMatrix(corpus.data[rows], corpus.dtype, scales).to_float().reshape(*ids.shape, corpus.dim)
+
+
 def fusion_softmax_gather_torch(h_in: Any, corpus: Any, ids: Any, W_a: Any = None) -> tuple[Any, Any, Any]:
     """torch index_select of the K rows per query, then `fusion_softmax_torch` (benchmark contender)."""
     docs = corpus.index_select(0, ids.reshape(-1)).view(ids.shape[0], ids.shape[1], corpus.shape[1])
