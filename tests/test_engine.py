@@ -1,0 +1,215 @@
+"""Engine end to end with the real MiniLM encoder and a tiny random-weight generator."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("bm25s")
+from test_generator import tiny_model  # noqa: E402
+from test_generator_text import gen_byte_tokenizer  # noqa: E402,F401  (fixture)
+
+from rag_engine import SamplingParams  # noqa: E402
+from rag_engine.engine import Engine, EngineConfig  # noqa: E402
+from rag_engine.errors import IndexFormatError  # noqa: E402
+from rag_engine.generator import Generator  # noqa: E402
+from rag_engine.retrieval import persist  # noqa: E402
+from rag_engine.retrieval.encoder import Encoder, EncoderConfig  # noqa: E402
+from rag_engine.retrieval.index import PassageIndex  # noqa: E402
+
+DOCS = {
+    "files": "To read a file, open it with open(path) inside a with statement; the file is closed "
+             "automatically when the block ends, even if an exception is raised.",
+    "loops": "A for loop iterates over the items of any sequence. Use enumerate() to get the index "
+             "and the value of each item at the same time.",
+    "dicts": "Dictionaries map keys to values. Looking up a missing key raises KeyError; use the get "
+             "method to supply a default value instead.",
+    "classes": "A class statement defines a new type. Methods receive the instance as their first "
+               "argument, conventionally called self.",
+}
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine_cache")
+
+
+@pytest.fixture(scope="module")
+def encoder(cache_dir):
+    return Encoder.from_pretrained(EncoderConfig(), cache_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def generator(gen_byte_tokenizer, cache_dir):  # noqa: F811
+    return Generator.from_hf(tiny_model("llama", seed=3, vocab=len(gen_byte_tokenizer)), gen_byte_tokenizer,
+                             cache_dir=cache_dir)
+
+
+def make_engine(encoder, generator, cache_dir, **overrides) -> Engine:
+    config = EngineConfig(passage_tokens=16, overlap_tokens=4, cache_dir=str(cache_dir), system_prompt="Answer.",
+                          **overrides)
+    eng = Engine(config, encoder, generator, PassageIndex(encoder.name, encoder.dim, config.index_dtype))
+    eng.add_documents(list(DOCS.values()), ids=list(DOCS), metadata=[{"topic": k} for k in DOCS], progress=False)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(encoder, generator, cache_dir):
+    return make_engine(encoder, generator, cache_dir)
+
+
+def test_encoder_matches_transformers(encoder):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModel, AutoTokenizer
+
+    from rag_engine.retrieval.encoder import packaged_minilm
+
+    texts = ["hello", "How do I close a file automatically?", "x " * 300]
+    tok = AutoTokenizer.from_pretrained(packaged_minilm())
+    model = AutoModel.from_pretrained(packaged_minilm()).eval()
+    with torch.no_grad():
+        enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).float()
+        ref = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(encoder.encode(texts), ref, atol=1e-5)
+
+
+def test_passages_keep_document_ids_and_offsets(engine):
+    assert engine.index.num_documents == len(DOCS)
+    assert len(engine.index) > len(DOCS)  # 16-token passages: every document is split
+    for pid in range(len(engine.index)):
+        p = engine.index.passage(pid)
+        assert DOCS[p.doc_id][p.start : p.end] == p.text
+        assert p.metadata == {"topic": p.doc_id}
+
+
+@pytest.mark.parametrize("retriever", ["dense", "bm25", "hybrid"])
+def test_retrieve_finds_the_right_document(engine, retriever):
+    hits = engine.retrieve(["How do I get the index while looping over a list with enumerate?",
+                            "What happens when a dictionary key is missing? KeyError"], k=3,
+                           retriever=retriever)
+    assert hits[0][0].doc_id == "loops" and hits[1][0].doc_id == "dicts"
+    for row in hits:
+        assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+
+
+def test_metadata_filter_and_k_beyond_corpus(engine):
+    hits = engine.retrieve("enumerate index loop", k=100, where={"topic": "dicts"})[0]
+    assert hits and {h.doc_id for h in hits} == {"dicts"}
+    assert len(engine.retrieve("loop", k=1000, retriever="dense")[0]) == len(engine.index)
+
+
+def test_generate_modes(engine):
+    for mode in ("concat", "rag_token", "rag_sequence"):
+        outs = engine.generate(["How do I loop with an index?", "What is a class?"], GREEDY, k=2, mode=mode)
+        assert len(outs) == 2
+        for o in outs:
+            assert len(o.token_ids) == GREEDY.max_tokens and o.finish_reason == "length"
+            assert len(o.documents) == 2 and abs(sum(o.alphas) - 1.0) < 1e-5
+            for stage in ("encode_ms", "retrieve_ms", "fuse_ms", "prefill_ms", "decode_ms"):
+                assert o.metrics[stage] >= 0
+    bare = engine.generate("What is a class?", GREEDY, k=0)[0]
+    assert bare.documents == () and len(bare.token_ids) == GREEDY.max_tokens
+
+
+def test_rag_token_with_one_document_equals_plain_generation(engine):
+    """With a single document alpha = 1, so the marginal is that row's own distribution."""
+    from rag_engine import prompts
+
+    q = "How do I loop with an index?"
+    out = engine.generate(q, GREEDY, k=1, mode="rag_token")[0]
+    msgs = prompts.concat_messages(q, [out.documents[0].text], engine.config.system_prompt)
+    plain = engine.generator.generate([msgs], GREEDY)[0]
+    assert out.token_ids == plain.token_ids
+
+
+def test_stream_equals_generate(engine):
+    text = "".join(engine.stream("What is a class?", GREEDY, k=2))
+    assert text == engine.generate("What is a class?", GREEDY, k=2)[0].text
+
+
+def test_bad_queries(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate(["  "], GREEDY)
+    with pytest.raises(ValueError, match="at least one query"):
+        engine.retrieve([])
+    with pytest.raises(ValueError, match="k must be an integer >= 0"):
+        engine.retrieve("x", k=-1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.generate("x", GREEDY, mode="nope")
+    with pytest.raises(TypeError, match="must be str"):
+        engine.retrieve([3])
+    with pytest.raises(NotImplementedError, match="latent"):
+        engine.generate("x", GREEDY, mode="latent")
+
+
+def test_empty_index(encoder, generator, cache_dir):
+    eng = Engine(EngineConfig(cache_dir=str(cache_dir)), encoder, generator, PassageIndex(encoder.name, encoder.dim))
+    assert eng.retrieve(["anything"], k=3) == [[]]
+    out = eng.generate("anything", GREEDY, k=3)[0]
+    assert out.documents == () and len(out.token_ids) == GREEDY.max_tokens
+
+
+def test_delete_update_and_save_load(engine, encoder, generator, cache_dir, tmp_path):
+    eng = make_engine(encoder, generator, cache_dir, index_dtype="int8")
+    eng.delete_documents(["loops"])
+    assert all(h.doc_id != "loops" for h in eng.retrieve("enumerate loop index", k=50)[0])
+    eng.add_documents(["Generators produce values lazily with yield."], ids=["dicts"])  # update by id
+    assert eng.index.num_documents == 3
+    eng.save(tmp_path / "idx")
+    loaded = Engine.load(tmp_path / "idx", load_generator=False, cache_dir=str(cache_dir))
+    assert loaded.config.index_dtype == "int8" and len(loaded.index) == len(eng.index)
+    a = eng.retrieve(["lazy values", "close a file"], k=3)
+    b = loaded.retrieve(["lazy values", "close a file"], k=3)
+    assert [[h.passage_id for h in r] for r in a] == [[h.passage_id for h in r] for r in b]
+    loaded.add_documents(["Sets hold unique elements."], ids=["sets"])  # incremental add after load
+    assert loaded.retrieve("unique elements set", k=1)[0][0].doc_id == "sets"
+
+
+def test_index_format_errors(engine, tmp_path, cache_dir):
+    root = tmp_path / "idx"
+    engine.save(root)
+    version, manifest = persist.open_version(root)
+    with pytest.raises(IndexFormatError, match="encoder 'all-minilm-l6-v2'.*'other-encoder'"):
+        PassageIndex.load(root, encoder_name="other-encoder")
+    manifest["format_version"] = 99
+    (version / persist.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="format version 99.*version 1"):
+        Engine.load(root, load_generator=False)
+    engine.save(root)
+    version, _ = persist.open_version(root)
+    with open(version / "vectors.npy", "r+b") as fh:
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(IndexFormatError, match="checksum mismatch for vectors.npy"):
+        Engine.load(root, load_generator=False)
+    with pytest.raises(FileNotFoundError, match="not an index directory"):
+        Engine.load(tmp_path / "nothing", load_generator=False)
+
+
+def test_failed_save_keeps_previous_index(engine, encoder, generator, cache_dir, tmp_path, monkeypatch):
+    root = tmp_path / "idx"
+    engine.save(root)
+    before = engine.retrieve("enumerate", k=2)
+    eng = make_engine(encoder, generator, cache_dir)
+    eng.add_documents(["A brand new document about sets."], ids=["sets"])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persist, "commit_version", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        eng.save(root)
+    monkeypatch.undo()
+    loaded = Engine.load(root, load_generator=False)  # the old version, intact and verified
+    assert loaded.index.num_documents == len(DOCS)
+    assert [h.passage_id for h in loaded.retrieve("enumerate", k=2)[0]] == [h.passage_id for h in before[0]]
+    eng.save(root)  # a later save succeeds and replaces the leftovers
+    assert Engine.load(root, load_generator=False).index.num_documents == len(DOCS) + 1
+    assert len(list(root.glob("v*"))) == 1
