@@ -1,6 +1,7 @@
 """Thin setuptools shim: CMake builds the extensions (as in vLLM)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,37 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDACXX, PATH, CUDA_HOME or /usr/local/cuda, else None."""
+    candidates = [os.environ.get("CUDACXX"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "nvcc"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def cuda_build() -> tuple[bool, str | None]:
+    """Whether to build rag_engine._C_cuda, and the nvcc to use.
+
+    RAG_ENGINE_BUILD_CUDA=1 builds it (nvcc required), =0 never; unset builds it
+    only when nvcc and an NVIDIA GPU are both present, so CPU-only builds (CI)
+    stay fast and never touch a CUDA toolkit.
+    """
+    flag = os.environ.get("RAG_ENGINE_BUILD_CUDA", "").strip().lower()
+    nvcc = find_nvcc()
+    if flag in ("1", "on", "true", "yes"):
+        if nvcc is None:
+            raise RuntimeError("RAG_ENGINE_BUILD_CUDA=1 but nvcc was not found (set CUDACXX or CUDA_HOME)")
+        return True, nvcc
+    if flag in ("0", "off", "false", "no"):
+        return False, None
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (nvcc is not None and gpus.is_dir() and any(gpus.iterdir())), nvcc
+
+
+BUILD_CUDA, NVCC = cuda_build()
 
 
 class CMakeExtension(Extension):
@@ -26,7 +58,12 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DRAG_ENGINE_OUTPUT_DIR={out_dir}",
+            f"-DRAG_ENGINE_BUILD_CUDA={'ON' if BUILD_CUDA else 'OFF'}",
         ]
+        if BUILD_CUDA:
+            args.append(f"-DCMAKE_CUDA_COMPILER={NVCC}")
+            archs = os.environ.get("RAG_ENGINE_CUDA_ARCHS") or "80;90"
+            args.append(f"-DRAG_ENGINE_CUDA_ARCHS={archs.replace(',', ';')}")
         try:
             import ninja  # noqa: F401
 
@@ -39,6 +76,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("rag_engine._C")],
+    ext_modules=[CMakeExtension("rag_engine._C")]
+    + ([CMakeExtension("rag_engine._C_cuda")] if BUILD_CUDA else []),
     cmdclass={"build_ext": CMakeBuild},
 )

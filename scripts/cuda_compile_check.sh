@@ -19,7 +19,6 @@ if [ -z "$nvcc" ]; then
   echo "cuda_compile_check: skipped (no nvcc)"
   exit 0
 fi
-cuda_home="$(cd "$(dirname "$nvcc")/.." && pwd)"
 archs="${CUDA_CHECK_ARCHS:-90}"
 python="${PYTHON:-.venv/bin/python}"
 [ -x "$python" ] || python=python3
@@ -50,8 +49,10 @@ done
 pyinc="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 pbinc="$("$python" -c 'import pybind11; print(pybind11.get_include())' 2>/dev/null || true)"
 if [ -n "$pbinc" ]; then
-  "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wextra -I"$pyinc" -I"$pbinc" -I"$cuda_home/include" \
-    -DRAG_ENGINE_CUDA_ARCHS_STR='"check"' csrc/cuda/bindings.cpp >"$out/bindings.log" 2>&1 \
+  # through nvcc, which hands a .cpp to the host compiler with the CUDA include path
+  "$nvcc" -std=c++17 -Xcompiler=-fPIC,-Wall,-Wextra -I"$pyinc" -I"$pbinc" \
+    -DRAG_ENGINE_CUDA_ARCHS_STR='"check"' -c csrc/cuda/bindings.cpp -o "$out/bindings.o" \
+    >"$out/bindings.log" 2>&1 \
     || { cat "$out/bindings.log"; echo "FAILED: csrc/cuda/bindings.cpp"; exit 1; }
 else
   echo "cuda_compile_check: pybind11 not importable, bindings.cpp not checked" > "$out/bindings.log"
