@@ -55,10 +55,11 @@ def hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_cached_decode_logits_match_hf(family, gen_cache):
+@pytest.mark.parametrize(("family", "explicit"), [(f, False) for f in FAMILIES] + [("llama", True)])
+def test_prefill_and_cached_decode_logits_match_hf(family, explicit, gen_cache):
     model = tiny_model(family)
-    gen = Generator.from_hf(model, cache_dir=gen_cache, export_config=ExportConfig(all_logits=True))
+    config = ExportConfig(all_logits=True, explicit_rotary=explicit)
+    gen = Generator.from_hf(model, cache_dir=gen_cache, export_config=config)
     spec = gen.session.spec
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(RAGGED), 32)
     prompts = [np.array(p, np.int64) for p in RAGGED]
@@ -144,6 +145,19 @@ def test_inputs_embeds_export_matches_hf(gen_cache):
     logits = gen.session.run(embeds, mask, pos, cache)
     with torch.no_grad():
         ref = model(inputs_embeds=torch.from_numpy(embeds)).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+
+
+def test_explicit_rotary_honours_arbitrary_position_ids(gen_cache):
+    model = tiny_model("llama", seed=13)
+    gen = Generator.from_hf(model, cache_dir=gen_cache,
+                            export_config=ExportConfig(all_logits=True, explicit_rotary=True))
+    spec = gen.session.spec
+    cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, 8)
+    ids, pos = np.array([[3, 4, 5, 6]]), np.array([[0, 2, 5, 9]])
+    logits = gen.session.run(ids, np.ones((1, 4), np.int64), pos, cache)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), position_ids=torch.tensor(pos)).logits.numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
 
 

@@ -27,7 +27,7 @@ from rag_engine.generator.spec import DecoderSpec
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
 PRECISIONS = ("fp32", "int8", "int4")
 INT8_METHODS = ("nbits", "dynamic")
@@ -46,6 +46,9 @@ class ExportConfig:
     "int4" (MatMulNBits, ``block_size`` 32). Quantised graphs also quantise the embedding table
     (shared with lm_head when tied). all_logits: logits for every position instead of each
     row's last one. inputs_embeds: take ``inputs_embeds [B, S, hidden]`` instead of input_ids.
+    explicit_rotary: Llama-family graphs honour arbitrary ``position_ids`` through RotaryEmbedding
+    nodes; by default the rotary embedding is fused into GroupQueryAttention, which places each
+    token at its cache slot (what the runtime always feeds) and ignores ``position_ids``.
     """
 
     precision: str = "fp32"
@@ -54,6 +57,7 @@ class ExportConfig:
     block_size: int = 32
     accuracy_level: int = 4
     int8_method: str = "nbits"
+    explicit_rotary: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -97,7 +101,8 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     bar.update()
     bar.set_postfix_str(steps[1])
     proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
-                        bits=config.bits, block=config.block_size, accuracy_level=config.accuracy_level)
+                        bits=config.bits, block=config.block_size, accuracy_level=config.accuracy_level,
+                        explicit_rotary=config.explicit_rotary)
     del weights
     bar.update()
     bar.set_postfix_str(steps[2])

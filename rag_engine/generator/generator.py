@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ class Generator:
             raise ValueError("text and chat prompts need a tokenizer; this Generator has none (pass token ids)")
         return self.tokenizer
 
-    def _rows(self, prompts: Sequence[Prompt], params) -> list[Row]:
+    def _rows(self, prompts: Sequence[Prompt], params, stream: bool = False) -> list[Row]:
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         params = list(params)
@@ -154,8 +155,12 @@ class Generator:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-            detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens) if self.tokenizer else _NoText()
-            rows.append(Row(self.encode(prompt), p, stop_ids, detok))
+            detok, decode = None, None
+            if self.tokenizer is not None and (stream or p.stop):  # text needed while generating
+                detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
+            elif self.tokenizer is not None:
+                decode = partial(self.tokenizer.decode, skip_special_tokens=p.skip_special_tokens)
+            rows.append(Row(self.encode(prompt), p, stop_ids, detok, decode))
         return rows
 
     # ---- generation ----
@@ -176,21 +181,11 @@ class Generator:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one prompt as tokens are produced."""
-        (row,) = self._rows([prompt], params)
+        (row,) = self._rows([prompt], params, stream=True)
         for events in run_batch(self.session, [row]):
             for _, delta in events:
                 if delta:
                     yield delta
-
-
-class _NoText:
-    """Detokenizer stand-in when no tokenizer is given: token ids only."""
-
-    def push(self, token: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
 
 
 def _as_prompt_list(prompts) -> list:

@@ -9,7 +9,8 @@ I/O (optimum / onnxruntime-genai names):
   input_ids ``[B, S]`` int64 (or ``inputs_embeds`` ``[B, S, hidden]`` fp32),
   attention_mask ``[B, T]`` int64 (T = past + S; each row's ones form a prefix: rows are
   right-padded and every row owns its KV slots ``[0, len_b)``),
-  position_ids ``[B, S]`` int64,
+  position_ids ``[B, S]`` int64 (GPT-2 position embeddings; Llama-family rotary only with
+  ``explicit_rotary`` — otherwise GroupQueryAttention rotates each token at its cache slot),
   past_key_values.{i}.key/value ``[B, kv_heads, P, head_dim]`` fp32;
   outputs logits ``[B, S, V]`` (``all_logits``) or ``[B, 1, V]`` at each row's last valid token,
   present.{i}.key/value. Bind past and present to the same ``[B, kv_heads, max_len, head_dim]``
@@ -97,29 +98,37 @@ def _mask_inputs(g: _Graph, embeds: bool) -> tuple[str, str, str]:
     return seqlens, total, last
 
 
-def _attention(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str, mask: tuple[str, str]) -> str:
+def _attention(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str, mask: tuple[str, str],
+               explicit_rotary: bool) -> str:
+    """QKV projection + GroupQueryAttention over the in-place cache.
+
+    Default: packed QKV straight into GroupQueryAttention, which applies the rotary embedding
+    at each token's cache slot (slot = position in this runtime, as in onnxruntime-genai;
+    measured: separate Split + RotaryEmbedding nodes cost ~1 ms per SmolLM2 decode step).
+    ``explicit_rotary``: RotaryEmbedding nodes driven by ``position_ids`` (arbitrary positions).
+    """
     p = f"layers.{i}."
-    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     qkv = _linear(g, h, w, p + "qkv")
-    split = g.const(q_size, kv_size, kv_size)
-    q, k, v = g.op("Split", [qkv, split], 3, axis=-1)
-    if spec.family == "llama":
-        rope = dict(domain=MS, interleaved=0, rotary_embedding_dim=spec.head_dim)
-        q = g.one("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_heads, **rope)
-        k = g.one("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_kv_heads, **rope)
     seqlens, total = mask
-    out = g.op(
-        "GroupQueryAttention",
-        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-        1,
-        domain=MS,
-        num_heads=spec.num_heads,
-        kv_num_heads=spec.num_kv_heads,
-        scale=spec.attn_scale,
-        local_window_size=spec.sliding_window,
-        do_rotary=0,
-    )[0]
-    g.nodes[-1].output[:] = [out, f"present.{i}.key", f"present.{i}.value"]
+    rope = spec.family == "llama"
+    if explicit_rotary and rope:
+        kv_size = spec.num_kv_heads * spec.head_dim
+        q, k, v = g.op("Split", [qkv, g.const(spec.num_heads * spec.head_dim, kv_size, kv_size)], 3, axis=-1)
+        attrs = dict(domain=MS, interleaved=0, rotary_embedding_dim=spec.head_dim)
+        q = g.one("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_heads, **attrs)
+        k = g.one("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], num_heads=spec.num_kv_heads, **attrs)
+        qkv_in, rope = [q, k, v], False
+    else:
+        qkv_in = [qkv, "", ""]
+    inputs = [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+    if rope:
+        inputs += ["rope_cos", "rope_sin"]
+    out = f"/attn_{i}/out"
+    g.nodes.append(helper.make_node(
+        "GroupQueryAttention", inputs, [out, f"present.{i}.key", f"present.{i}.value"],
+        name=f"/attn_{i}", domain=MS, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+        scale=spec.attn_scale, local_window_size=spec.sliding_window, do_rotary=int(rope),
+        rotary_interleaved=0))
     return g.matmul(out, w, p + "o")
 
 
@@ -130,9 +139,9 @@ def _mlp(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str) -> str:
         gelu = "FastGelu" if spec.activation != "gelu" else "BiasGelu"
         act = g.one(gelu, [fc, g.init(p + "fc_b", w[p + "fc_b"])], domain=MS)
         return g.matmul(act, w, p + "down")
-    gate_up = g.matmul(h, w, p + "gate_up")
-    half = g.const(spec.intermediate_size, spec.intermediate_size)
-    gate, up = g.op("Split", [gate_up, half], 2, axis=-1)
+    # two MatMuls, not one fused [hidden, 2*inter] + Split: the Split node costs more than
+    # the extra MatMul call at batch 1 (as in onnxruntime-genai's graphs)
+    gate, up = g.matmul(h, w, p + "gate"), g.matmul(h, w, p + "up")
     act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
     return g.matmul(act, w, p + "down")
 
@@ -151,12 +160,13 @@ def _norm(g: _Graph, spec: DecoderSpec, w: dict, x: str, key: str, skip: str | N
     else:
         outs = g.op("SkipLayerNormalization", [x, skip, gamma, *beta, *([bias] if bias else [])], 4,
                     domain=MS, epsilon=eps)
+    g.nodes[-1].output[1:3] = ["", ""]  # mean / inv_std_var are training outputs: not computed
     return outs[0], outs[3]
 
 
 def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool = False,
                 inputs_embeds: bool = False, bits: int | None = None, block: int = 32,
-                accuracy_level: int = 4) -> onnx.ModelProto:
+                accuracy_level: int = 4, explicit_rotary: bool = False) -> onnx.ModelProto:
     """Return the decoder ``ModelProto`` for ``spec`` with fp32 weights ``w`` (see module doc).
 
     ``bits`` = 4 or 8 quantises every MatMul weight (and the embedding table) blockwise into
@@ -176,7 +186,7 @@ def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool
     pending_bias = None  # GPT-2 projection biases fold into the next SkipLayerNormalization
     for i in range(spec.num_layers):
         p = f"layers.{i}."
-        a = _attention(g, spec, w, i, h, (seqlens, total))
+        a = _attention(g, spec, w, i, h, (seqlens, total), explicit_rotary)
         bias = g.init(p + "o_b", w[p + "o_b"]) if p + "o_b" in w else None
         if spec.family == "llama" and bias is not None:
             a, bias = g.one("Add", [a, bias]), None

@@ -47,11 +47,13 @@ class Row:
     prompt: np.ndarray
     params: SamplingParams
     stop_ids: frozenset[int]
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: decode once at the end (no streaming/stop strings)
+    decode: Callable[[list[int]], str] | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
+    stopped_by_string: bool = False
     finish_reason: str | None = None
     t_start: float = 0.0
     t_first: float = 0.0
@@ -65,20 +67,23 @@ class Row:
         if not self.tokens:
             self.t_first = now
         self.tokens.append(token)
-        p = self.params
+        p, detok = self.params, self.detokenizer
         if token in self.stop_ids and len(self.tokens) > p.min_tokens:
-            self._add_text(self.detokenizer.flush())  # stop tokens are kept in ids, not in text
-            self.finish_reason = self.finish_reason or "stop"
-        else:
-            self._add_text(self.detokenizer.push(token))
-            if self.finish_reason is None and (len(self.tokens) >= p.max_tokens or context_left <= 0):
-                self._add_text(self.detokenizer.flush())
-                self.finish_reason = self.finish_reason or "length"
+            self.finish_reason = "stop"  # stop tokens are kept in ids, not in text
+        elif detok is not None:
+            self._add_text(detok.push(token))
+        if self.finish_reason is None and (len(self.tokens) >= p.max_tokens or context_left <= 0):
+            self.finish_reason = "length"
         if self.finish_reason is not None:
             self.t_done = now
+            if detok is not None:
+                self._add_text(detok.flush(), final=True)
+            elif self.decode is not None:
+                ids = self.tokens[:-1] if self.tokens[-1] in self.stop_ids and self.finish_reason == "stop" else self.tokens
+                self.text = self.decode(ids)
 
-    def _add_text(self, delta: str) -> None:
-        if not delta or self.finish_reason is not None:
+    def _add_text(self, delta: str, final: bool = False) -> None:
+        if not delta or (self.finish_reason is not None and not final) or self.stopped_by_string:
             return
         start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
         self.text += delta
@@ -86,7 +91,7 @@ class Row:
             hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
-                self.finish_reason = "stop"
+                self.finish_reason, self.stopped_by_string = "stop", True
 
     def take_delta(self) -> str:
         """Streamable new text; while unfinished, hold back what could still start a stop string."""

@@ -45,7 +45,9 @@ class DecoderSession:
         self.first_input = "inputs_embeds" if self.config.inputs_embeds else "input_ids"
         self.io = self.session.io_binding()
         self._logits = np.empty(0, np.float32)
-        self._bound: tuple[int, int] | None = None
+        self._logits_shape: tuple[int, ...] | None = None
+        self._logits_value = None
+        self._bound: tuple[KVCache, int] | None = None  # holds the cache: its memory stays valid
         self._keep: list[object] = []
 
     def bind_cache(self, cache: KVCache) -> None:
@@ -58,7 +60,7 @@ class DecoderSession:
                 self.io.bind_ortvalue_output(f"present.{layer}.{part}", value)
                 keep.append(value)
         self._keep = keep
-        self._bound = (id(cache), cache.batch)
+        self._bound = (cache, cache.batch)
 
     def run(self, first: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             cache: KVCache) -> np.ndarray:
@@ -73,7 +75,7 @@ class DecoderSession:
         batch = first.shape[0]
         if batch != cache.batch:
             raise ValueError(f"batch of inputs ({batch}) differs from the cache's live rows ({cache.batch})")
-        if self._bound != (id(cache), cache.batch):
+        if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.batch:
             self.bind_cache(cache)
         self.io.bind_cpu_input(self.first_input, first)
         self.io.bind_cpu_input("attention_mask", attention_mask)
@@ -82,7 +84,11 @@ class DecoderSession:
         size = batch * rows * self.spec.vocab_size
         if self._logits.size < size:
             self._logits = np.empty(size, np.float32)
+            self._logits_shape = None
         logits = self._logits[:size].reshape(batch, rows, self.spec.vocab_size)
-        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        if self._logits_shape != logits.shape:  # rebinding only when the shape changes
+            self._logits_value = ort.OrtValue.ortvalue_from_numpy(logits)
+            self.io.bind_ortvalue_output("logits", self._logits_value)
+            self._logits_shape = logits.shape
         self.session.run_with_iobinding(self.io)
         return logits if self.config.all_logits else logits[:, 0]

@@ -92,7 +92,7 @@ def _read_llama(model, config) -> tuple[DecoderSpec, dict[str, np.ndarray]]:
         w[p + "o"] = _np(att.o_proj.weight).T
         if att.o_proj.bias is not None:
             w[p + "o_b"] = _np(att.o_proj.bias)
-        w[p + "gate_up"] = np.concatenate([_np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T], 1)
+        w[p + "gate"], w[p + "up"] = _np(mlp.gate_proj.weight).T, _np(mlp.up_proj.weight).T
         w[p + "down"] = _np(mlp.down_proj.weight).T
         if getattr(mlp.down_proj, "bias", None) is not None:
             raise ValueError("mlp_bias=True Llama models are not supported: expected mlp_bias=False")
