@@ -48,6 +48,7 @@ class EngineConfig:
     retriever: str = "hybrid"
     hybrid_fusion: str = "weighted"
     hybrid_dense_weight: float = 0.7
+    max_passages_per_doc: int = 1  # diversity: passages of one document in a top-k (0 = no limit)
     context_tokens: int = 640  # prompt budget for passages in concat mode
     system_prompt: str = prompts.SYSTEM_PROMPT
     threads: int | None = None
@@ -186,14 +187,18 @@ class Engine:
                       where: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if retriever not in RETRIEVERS:
             raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}")
+        per_doc = self.config.max_passages_per_doc
+        # Candidates before fusion / collapsing by document.
+        depth = k if retriever != "hybrid" and not per_doc else max(4 * k, 40)
         if retriever == "dense":
-            return self.index.search_dense(qvecs, k, where, self.config.threads)
-        if retriever == "bm25":
-            return self.index.search_bm25(queries, k, where)
-        depth = max(4 * k, 20)  # candidates from each side before fusion
-        return hybrid.fuse(self.index.search_dense(qvecs, depth, where, self.config.threads),
-                           self.index.search_bm25(queries, depth, where), k, self.config.hybrid_fusion,
-                           self.config.hybrid_dense_weight)
+            s, i = self.index.search_dense(qvecs, depth, where, self.config.threads)
+        elif retriever == "bm25":
+            s, i = self.index.search_bm25(queries, depth, where)
+        else:
+            s, i = hybrid.fuse(self.index.search_dense(qvecs, depth, where, self.config.threads),
+                               self.index.search_bm25(queries, depth, where), depth,
+                               self.config.hybrid_fusion, self.config.hybrid_dense_weight)
+        return self.index.collapse(s, i, k, per_doc) if depth != k else (s, i)
 
     def retrieve(self, queries: str | Sequence[str], k: int | None = None, retriever: str | None = None,
                  where: dict[str, Any] | None = None) -> list[list[Hit]]:

@@ -175,6 +175,27 @@ class PassageIndex:
                     ) -> tuple[np.ndarray, np.ndarray]:
         return self.bm25().search(queries, k, self.allow_mask(where))
 
+    def collapse(self, scores: np.ndarray, ids: np.ndarray, k: int, per_doc: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Keep at most `per_doc` passages of each document (0 = no limit), then the top k.
+
+        Candidates must be sorted best first; the order is kept."""
+        out_s = np.full((ids.shape[0], k), -np.inf, np.float32)
+        out_i = np.full((ids.shape[0], k), -1, np.int64)
+        for q in range(ids.shape[0]):
+            seen: dict[str, int] = {}
+            j = 0
+            for s, pid in zip(scores[q], ids[q]):
+                if pid < 0 or j == k:
+                    break
+                doc = self.passage(int(pid)).doc_id
+                if per_doc and seen.get(doc, 0) >= per_doc:
+                    continue
+                seen[doc] = seen.get(doc, 0) + 1
+                out_s[q, j], out_i[q, j] = s, pid
+                j += 1
+        return out_s, out_i
+
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out = []
         for srow, irow in zip(scores, ids):
