@@ -48,11 +48,9 @@ int64_t fusion_softmax_cpu(const FusionSoftmaxArgs& a) {
                        std::min(a.d, p1 * kern.gemm_panel), ubuf.data());
 #pragma omp barrier
     }
-    int64_t first_bad = std::numeric_limits<int64_t>::max();
-    for (int64_t b = a.b * t / nth; b < a.b * (t + 1) / nth; ++b) {
-      const int64_t j = kern.row(a, u + b * a.d, b);
-      if (j >= 0) first_bad = std::min(first_bad, b * a.k + j);
-    }
+    const int64_t b0 = a.b * t / nth, b1 = a.b * (t + 1) / nth;
+    const int64_t r = b0 < b1 ? kern.rows(a, u, b0, b1) : -1;
+    const int64_t first_bad = r >= 0 ? r : std::numeric_limits<int64_t>::max();
     int64_t cur = bad.load();
     while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
     }

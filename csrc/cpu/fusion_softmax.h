@@ -47,8 +47,9 @@ struct FusionKernels {
   void (*gemm_cols)(const float* h, int64_t rows, int64_t d, const float* w, int64_t c0,
                     int64_t c1, float* u);
   int64_t gemm_panel;  // column panel width c1 - c0 should be a multiple of
-  // One batch row (see FusionSoftmaxArgs); returns -1 or the bad slot j.
-  int64_t (*row)(const FusionSoftmaxArgs& a, const float* u, int64_t b);
+  // Batch rows [b0, b1) (see FusionSoftmaxArgs), u = [b, d]; returns -1 or the
+  // flat slot b * k + j of the first document with a non-finite score.
+  int64_t (*rows)(const FusionSoftmaxArgs& a, const float* u, int64_t b0, int64_t b1);
 };
 
 FusionKernels fusion_kernels_scalar();

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "fusion_softmax.h"
 #include "simd_math.h"
@@ -76,46 +77,87 @@ void gemm_cols(const float* h, int64_t rows, int64_t d, const float* w, int64_t 
   }
 }
 
-// <u, x> with four independent FMA chains; while reading x it prefetches the
-// next document of the row (gathered rows are scattered over the corpus).
-template <class S, class T>
-inline float dot_prefetch(const float* u, const T* x, int64_t d, const T* next) {
+// A block of up to kBlock documents shares each u load, and the accumulator is
+// read and written once per block instead of once per document (as in
+// flash-attention's tiles); the rows kLookahead slots ahead are prefetched
+// meanwhile (gathered rows are scattered over the corpus: DRAM latency).
+constexpr int kBlock = 4;
+constexpr int kLookahead = 8;
+
+template <class T>
+struct Slot {
+  const T* x;
+  float scale;
+  int64_t j;  // slot within its batch row
+};
+
+// s[i] = <u, x_i> for N rows, two FMA chains per row; prefetches `ahead` rows.
+template <class S, int N, class T>
+inline void dot_block(const float* u, const Slot<T>* slot, int64_t d, const Slot<T>* ahead,
+                      int nahead, float* s) {
   using V = typename S::V;
   constexpr int W = S::W;
-  constexpr int kLineElems = 64 / sizeof(T) < 1 ? 1 : 64 / sizeof(T);
-  V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  V a0[N], a1[N];
+  for (int i = 0; i < N; ++i) a0[i] = a1[i] = S::zero();
   int64_t j = 0;
-  for (; j + 4 * W <= d; j += 4 * W) {
-    if (next != nullptr)
-      for (int e = 0; e < 4 * W; e += kLineElems) __builtin_prefetch(next + j + e, 0, 3);
-    a0 = S::fma(S::load(u + j), S::load(x + j), a0);
-    a1 = S::fma(S::load(u + j + W), S::load(x + j + W), a1);
-    a2 = S::fma(S::load(u + j + 2 * W), S::load(x + j + 2 * W), a2);
-    a3 = S::fma(S::load(u + j + 3 * W), S::load(x + j + 3 * W), a3);
+  for (; j + 2 * W <= d; j += 2 * W) {
+    for (int64_t e = (j + kLine - 1) / kLine * kLine; e < j + 2 * W; e += kLine)  // each line once
+      for (int p = 0; p < nahead; ++p) __builtin_prefetch(ahead[p].x + e, 0, 3);
+    const V u0 = S::load(u + j), u1 = S::load(u + j + W);
+    for (int i = 0; i < N; ++i) {
+      a0[i] = S::fma(u0, S::load(slot[i].x + j), a0[i]);
+      a1[i] = S::fma(u1, S::load(slot[i].x + j + W), a1[i]);
+    }
   }
-  if (next != nullptr)
-    for (int64_t e = j; e < d; e += kLineElems) __builtin_prefetch(next + e, 0, 3);
-  for (; j + W <= d; j += W) a0 = S::fma(S::load(u + j), S::load(x + j), a0);
-  if (j < d) a1 = S::fma(S::load_n(u + j, d - j), S::load_n(x + j, d - j), a1);
-  return S::hsum(S::add(S::add(a0, a1), S::add(a2, a3)));
+  for (int p = 0; p < nahead; ++p)
+    for (int64_t e = (j + kLine - 1) / kLine * kLine; e < d; e += kLine) __builtin_prefetch(ahead[p].x + e, 0, 3);
+  for (; j < d; j += W) {
+    const int64_t n = d - j < W ? d - j : W;
+    const V uv = S::load_n(u + j, n);
+    for (int i = 0; i < N; ++i) a0[i] = S::fma(uv, S::load_n(slot[i].x + j, n), a0[i]);
+  }
+  for (int i = 0; i < N; ++i) s[i] = S::hsum(S::add(a0[i], a1[i])) * slot[i].scale;
 }
 
-// acc = a * acc + c * x (kScale) or acc += c * x; x comes from L1 (just read by the dot).
-template <class S, bool kScale, class T>
-inline void axpby(float* acc, float a, float c, const T* x, int64_t d) {
+// acc = corr * acc + Σ_i c[i] x_i (the multiply skipped when corr == 1); x_i come from L1.
+template <class S, int N, class T>
+inline void axpy_block(float* acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
   using V = typename S::V;
   constexpr int W = S::W;
-  const V av = S::set1(a), cv = S::set1(c);
-  int64_t j = 0;
-  for (; j + W <= d; j += W) {
-    V v = S::load(acc + j);
-    if (kScale) v = S::mul(v, av);
-    S::store(acc + j, S::fma(cv, S::load(x + j), v));
+  V cv[N];
+  for (int i = 0; i < N; ++i) cv[i] = S::set1(c[i]);
+  const V corr_v = S::set1(corr);
+  const bool rescale = corr != 1.0f;
+  for (int64_t j = 0; j < d; j += W) {
+    const int64_t n = d - j < W ? d - j : W;
+    const bool full = n == W;
+    V v = full ? S::load(acc + j) : S::load_n(acc + j, n);
+    if (rescale) v = S::mul(v, corr_v);
+    for (int i = 0; i < N; ++i) v = S::fma(cv[i], full ? S::load(slot[i].x + j) : S::load_n(slot[i].x + j, n), v);
+    if (full) S::store(acc + j, v);
+    else S::store_n(acc + j, v, n);
   }
-  if (j < d) {
-    V v = S::load_n(acc + j, d - j);
-    if (kScale) v = S::mul(v, av);
-    S::store_n(acc + j, S::fma(cv, S::load_n(x + j, d - j), v), d - j);
+}
+
+template <class S, class T>
+inline void block_step(int n, const float* u, const Slot<T>* slot, int64_t d, const Slot<T>* ahead,
+                       int nahead, float* s) {
+  switch (n) {
+    case 1: dot_block<S, 1>(u, slot, d, ahead, nahead, s); break;
+    case 2: dot_block<S, 2>(u, slot, d, ahead, nahead, s); break;
+    case 3: dot_block<S, 3>(u, slot, d, ahead, nahead, s); break;
+    default: dot_block<S, kBlock>(u, slot, d, ahead, nahead, s); break;
+  }
+}
+
+template <class S, class T>
+inline void block_accumulate(int n, float* acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
+  switch (n) {
+    case 1: axpy_block<S, 1>(acc, corr, c, slot, d); break;
+    case 2: axpy_block<S, 2>(acc, corr, c, slot, d); break;
+    case 3: axpy_block<S, 3>(acc, corr, c, slot, d); break;
+    default: axpy_block<S, kBlock>(acc, corr, c, slot, d); break;
   }
 }
 
@@ -128,73 +170,88 @@ inline void scale_row(float* x, float c, int64_t d) {
   if (j < d) S::store_n(x + j, S::mul(S::load_n(x + j, d - j), cv), d - j);
 }
 
-// One batch row: a single pass over its documents with an online softmax
-// (flash-attention style running max m and normaliser l; the accumulator is
-// rescaled only when the max grows). alpha holds the raw scores until the end.
+// Batch rows [b0, b1): for each, one pass over its valid documents in blocks
+// with an online softmax (running max m and normaliser l; the accumulator is
+// rescaled only when a block raises the max). alpha holds raw scores until
+// the end. Returns -1 or the flat slot b * k + j of the first non-finite score.
 template <class S, class T>
-int64_t fusion_row_typed(const FusionSoftmaxArgs& a, const float* u, int64_t b) {
+int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_t b0, int64_t b1) {
   const int64_t d = a.d, k = a.k;
   const T* base = static_cast<const T*>(a.docs);
-  const int64_t* ids = a.ids != nullptr ? a.ids + b * k : nullptr;
-  const uint8_t* mask = a.mask != nullptr ? a.mask + b * k : nullptr;
-  float* alpha = a.alpha + b * k;
-  float* h = a.h_aug + b * d;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < d; ++j) h[j] = 0.0f;
-
-  auto valid = [&](int64_t j) { return (mask == nullptr || mask[j]) && (ids == nullptr || ids[j] >= 0); };
-  auto row_of = [&](int64_t j) { return ids != nullptr ? base + ids[j] * d : base + (b * k + j) * d; };
-  auto next_valid = [&](int64_t j) {
-    for (; j < k && !valid(j); ++j) alpha[j] = kNegInf;
-    return j;
-  };
-
-  float m = kNegInf, l = 0.0f;
-  for (int64_t j = next_valid(0); j < k;) {
-    const int64_t jn = next_valid(j + 1);
-    const T* x = row_of(j);
-    const float sc = a.scales != nullptr ? a.scales[ids != nullptr ? ids[j] : b * k + j] : 1.0f;
-    const float s = dot_prefetch<S>(u, x, d, jn < k ? row_of(jn) : nullptr) * sc;
-    if (!__builtin_isfinite(s)) return j;
-    alpha[j] = s;
-    if (s > m) {  // new max: old terms shrink by e^(m - s); this term has weight 1
-      const float corr = ::expf(m - s);
-      l = l * corr + 1.0f;
-      axpby<S, true>(h, corr, sc, x, d);
-      m = s;
-    } else {
-      const float wgt = ::expf(s - m);
-      l += wgt;
-      axpby<S, false>(h, 1.0f, wgt * sc, x, d);
+  // Valid slots of all rows in order, so the prefetch runs ahead across rows.
+  std::vector<Slot<T>> slots;
+  std::vector<int64_t> first(static_cast<size_t>(b1 - b0 + 1));
+  slots.reserve(static_cast<size_t>((b1 - b0) * k));
+  for (int64_t b = b0; b < b1; ++b) {
+    first[static_cast<size_t>(b - b0)] = static_cast<int64_t>(slots.size());
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t f = b * k + j;
+      const bool valid = (a.mask == nullptr || a.mask[f]) && (a.ids == nullptr || a.ids[f] >= 0);
+      a.alpha[f] = kNegInf;
+      if (!valid) continue;
+      const int64_t row = a.ids != nullptr ? a.ids[f] : f;
+      slots.push_back({base + row * d, a.scales != nullptr ? a.scales[row] : 1.0f, j});
     }
-    j = jn;
   }
+  first.back() = static_cast<int64_t>(slots.size());
+  const int64_t nslots = first.back();
 
-  float* scores = a.scores != nullptr ? a.scores + b * k : nullptr;
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: every slot masked -> zeros
-  for (int64_t j = 0; j < k; ++j) {
-    const float s = alpha[j];
-    if (scores != nullptr) scores[j] = s;
-    alpha[j] = s == kNegInf ? 0.0f : ::expf(s - m) * inv;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* u = u_all + b * d;
+    float* alpha = a.alpha + b * k;
+    float* h = a.h_aug + b * d;
+    for (int64_t j = 0; j < d; ++j) h[j] = 0.0f;
+    float m = kNegInf, l = 0.0f;
+    const int64_t end = first[static_cast<size_t>(b - b0 + 1)];
+    for (int64_t p = first[static_cast<size_t>(b - b0)]; p < end; p += kBlock) {
+      const int n = static_cast<int>(end - p < kBlock ? end - p : kBlock);
+      const int64_t q = p + kLookahead;
+      const int nahead = static_cast<int>(q >= nslots ? 0 : (nslots - q < kBlock ? nslots - q : kBlock));
+      float s[kBlock], c[kBlock];
+      block_step<S>(n, u, slots.data() + p, d, slots.data() + (q < nslots ? q : 0), nahead, s);
+      float bm = kNegInf;
+      for (int i = 0; i < n; ++i) {
+        if (!__builtin_isfinite(s[i])) return b * k + slots[static_cast<size_t>(p + i)].j;
+        alpha[slots[static_cast<size_t>(p + i)].j] = s[i];
+        bm = s[i] > bm ? s[i] : bm;
+      }
+      const float corr = bm > m ? ::expf(m - bm) : 1.0f;  // old terms shrink when the max grows
+      m = bm > m ? bm : m;
+      l *= corr;
+      for (int i = 0; i < n; ++i) {
+        const float w = ::expf(s[i] - m);
+        l += w;
+        c[i] = w * slots[static_cast<size_t>(p + i)].scale;
+      }
+      block_accumulate<S>(n, h, corr, c, slots.data() + p, d);
+    }
+    float* scores = a.scores != nullptr ? a.scores + b * k : nullptr;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: every slot masked -> zeros
+    for (int64_t j = 0; j < k; ++j) {
+      const float sj = alpha[j];
+      if (scores != nullptr) scores[j] = sj;
+      alpha[j] = sj == kNegInf ? 0.0f : ::expf(sj - m) * inv;
+    }
+    if (l > 0.0f) scale_row<S>(h, inv, d);
   }
-  if (l > 0.0f) scale_row<S>(h, inv, d);
   return -1;
 }
 
 template <class S>
-int64_t fusion_row(const FusionSoftmaxArgs& a, const float* u, int64_t b) {
+int64_t fusion_rows(const FusionSoftmaxArgs& a, const float* u, int64_t b0, int64_t b1) {
   switch (a.dtype) {
-    case DType::kF32: return fusion_row_typed<S, float>(a, u, b);
-    case DType::kBF16: return fusion_row_typed<S, Bf16Bits>(a, u, b);
-    case DType::kF16: return fusion_row_typed<S, F16Bits>(a, u, b);
-    case DType::kI8: return fusion_row_typed<S, int8_t>(a, u, b);
+    case DType::kF32: return fusion_rows_typed<S, float>(a, u, b0, b1);
+    case DType::kBF16: return fusion_rows_typed<S, Bf16Bits>(a, u, b0, b1);
+    case DType::kF16: return fusion_rows_typed<S, F16Bits>(a, u, b0, b1);
+    case DType::kI8: return fusion_rows_typed<S, int8_t>(a, u, b0, b1);
   }
   return -1;
 }
 
 template <class S>
 FusionKernels make_fusion_kernels() {
-  return FusionKernels{&gemm_cols<S>, int64_t{S::kGemmVecs} * S::W, &fusion_row<S>};
+  return FusionKernels{&gemm_cols<S>, int64_t{S::kGemmVecs} * S::W, &fusion_rows<S>};
 }
 
 }  // namespace
