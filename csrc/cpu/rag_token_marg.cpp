@@ -47,6 +47,28 @@ int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, in
   return -1;
 }
 
+// One whole row b on the calling thread: pass 1 over every (document, chunk),
+// the offsets, then pass 2 chunk by chunk. Returns -1 or the bad document.
+int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, int64_t nchunks,
+                 float* pm, float* ps, float* c) {
+  const size_t base = static_cast<size_t>(b * a.k * nchunks);
+  for (int64_t i = 0; i < a.k; ++i)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t v0 = ch * kChunk;
+      const size_t slot = base + static_cast<size_t>(i * nchunks + ch);
+      kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
+                     &pm[slot], &ps[slot]);
+    }
+  const int64_t bad = doc_offsets(a.log_alpha + b * a.k, pm + base, ps + base, a.k, nchunks, c);
+  if (bad >= 0) return bad;
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const int64_t v0 = ch * kChunk;
+    kern.combine(a.logits + b * a.k * a.v + v0, a.v, c, a.k, std::min(kChunk, a.v - v0), a.inv_temperature,
+                 a.out + b * a.v + v0);
+  }
+  return -1;
+}
+
 }  // namespace
 
 int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
@@ -64,6 +86,26 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
   std::vector<float> pm(static_cast<size_t>(a.b * a.k * nchunks));
   std::vector<float> ps(pm.size());
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+
+  if (a.b >= 2 * nt && nt > 1) {
+    // Enough rows: whole rows per thread, handed out dynamically, no barrier
+    // (a thread that loses its core to another process holds nobody up).
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      std::vector<float> c(static_cast<size_t>(a.k));
+      int64_t first_bad = std::numeric_limits<int64_t>::max();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < a.b; ++b) {
+        const int64_t i = marg_row(a, kern, b, nchunks, pm.data(), ps.data(), c.data());
+        if (i >= 0) first_bad = std::min(first_bad, b * a.k + i);
+      }
+      int64_t cur = bad.load();
+      while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
+      }
+    }
+    const int64_t out = bad.load();
+    return out == std::numeric_limits<int64_t>::max() ? -1 : out;
+  }
 
 #pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
   {
