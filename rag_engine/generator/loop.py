@@ -35,9 +35,7 @@ def prefill(session: DecoderSession, cache: KVCache, prompts: Sequence[np.ndarra
 def decode_one_token(session: DecoderSession, cache: KVCache, tokens: np.ndarray,
                      lengths: np.ndarray) -> np.ndarray:
     """Feed one token per row; ``lengths`` ``[B]`` = tokens already cached per row. Logits ``[B, V]``."""
-    total = int(lengths.max()) + 1
-    mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
-    return session.run(tokens.reshape(-1, 1), mask, lengths.reshape(-1, 1), cache)
+    return session.decode(tokens, lengths, cache)
 
 
 @dataclass

@@ -47,6 +47,7 @@ class DecoderSession:
         self._logits = np.empty(0, np.float32)
         self._logits_shape: tuple[int, ...] | None = None
         self._logits_value = None
+        self._decode_key: tuple[KVCache, int] | None = None
         self._bound: tuple[KVCache, int] | None = None  # holds the cache: its memory stays valid
         self._keep: list[object] = []
 
@@ -75,12 +76,49 @@ class DecoderSession:
         batch = first.shape[0]
         if batch != cache.batch:
             raise ValueError(f"batch of inputs ({batch}) differs from the cache's live rows ({cache.batch})")
-        if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.batch:
-            self.bind_cache(cache)
+        self._ensure_cache(cache)
+        self._decode_key = None  # the static decode inputs are no longer bound
         self.io.bind_cpu_input(self.first_input, first)
         self.io.bind_cpu_input("attention_mask", attention_mask)
         self.io.bind_cpu_input("position_ids", position_ids)
-        rows = first.shape[1] if self.config.all_logits else 1
+        logits = self._bind_logits(batch, first.shape[1] if self.config.all_logits else 1)
+        self.session.run_with_iobinding(self.io)
+        return logits if self.config.all_logits else logits[:, 0]
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decode step: row b's token goes to cache slot (and position) ``lengths[b]``.
+
+        The inputs are preallocated arrays bound once per cache layout, with a mask as wide as
+        the cache (GroupQueryAttention takes each row's length from it), so a step only writes
+        a few numbers in place and binds nothing. Returns logits ``[B, V]`` (reused next call).
+        """
+        if self.config.inputs_embeds:
+            raise ValueError("decode() feeds token ids; this export takes inputs_embeds (use run())")
+        batch = cache.batch
+        if tokens.shape != (batch,) or lengths.shape != (batch,):
+            raise ValueError(f"expected tokens and lengths of shape ({batch},), got {tokens.shape} and {lengths.shape}")
+        self._ensure_cache(cache)
+        if self._decode_key is None or self._decode_key[0] is not cache or self._decode_key[1] != batch:
+            self._ids = np.zeros((batch, 1), np.int64)
+            self._pos = np.zeros((batch, 1), np.int64)
+            self._mask = (np.arange(cache.max_len)[None, :] <= lengths[:, None]).astype(np.int64)
+            self._decode_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._ids, self._mask, self._pos)]
+            for name, value in zip(("input_ids", "attention_mask", "position_ids"), self._decode_values, strict=True):
+                self.io.bind_ortvalue_input(name, value)
+            self._decode_key = (cache, batch)
+        else:
+            self._mask[np.arange(batch), lengths] = 1
+        self._ids[:, 0] = tokens
+        self._pos[:, 0] = lengths
+        logits = self._bind_logits(batch, 1)
+        self.session.run_with_iobinding(self.io)
+        return logits[:, 0]
+
+    def _ensure_cache(self, cache: KVCache) -> None:
+        if self._bound is None or self._bound[0] is not cache or self._bound[1] != cache.batch:
+            self.bind_cache(cache)
+
+    def _bind_logits(self, batch: int, rows: int) -> np.ndarray:
         size = batch * rows * self.spec.vocab_size
         if self._logits.size < size:
             self._logits = np.empty(size, np.float32)
@@ -90,5 +128,4 @@ class DecoderSession:
             self._logits_value = ort.OrtValue.ortvalue_from_numpy(logits)
             self.io.bind_ortvalue_output("logits", self._logits_value)
             self._logits_shape = logits.shape
-        self.session.run_with_iobinding(self.io)
-        return logits if self.config.all_logits else logits[:, 0]
+        return logits
