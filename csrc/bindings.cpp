@@ -132,6 +132,20 @@ DType doc_dtype(const char* op, const char* name, const py::array& a, bool allow
                                    std::string(py::str(a.dtype()))));
 }
 
+// h_in [B, D] float32 and the document rows (rank `ndim`, a storage dtype, contiguous).
+FusionSoftmaxArgs fusion_args(const char* op, const py::array& h_in, const char* name,
+                              const py::array& rows, int ndim, bool allow_int8) {
+  check_array(op, "h_in", h_in, 2, 'f', 4, "float32");
+  FusionSoftmaxArgs args;
+  args.dtype = doc_dtype(op, name, rows, allow_int8);
+  RAG_CHECK(op, rows.ndim() == ndim, name, " must be ", ndim, "-D, got ", rows.ndim(), "-D");
+  RAG_CHECK(op, c_contiguous(rows), name, " must be C-contiguous");
+  args.b = h_in.shape(0);
+  args.d = h_in.shape(1);
+  args.docs = rows.data();
+  return args;
+}
+
 // Checks what both entry points share, runs the kernel, builds the outputs.
 py::tuple run_fusion(const char* op, FusionSoftmaxArgs& args, const py::array& h_in,
                      const py::object& w_obj, const py::object& mask_obj, bool return_scores,
@@ -180,18 +194,11 @@ py::tuple fusion_softmax(const py::array& h_in, const py::array& docs, const py:
                          const py::object& mask, bool return_scores, int threads,
                          const std::string& isa) {
   constexpr const char* op = "fusion_softmax";
-  check_array(op, "h_in", h_in, 2, 'f', 4, "float32");
-  FusionSoftmaxArgs args;
-  args.dtype = doc_dtype(op, "docs", docs, false);
-  RAG_CHECK(op, docs.ndim() == 3, "docs must be 3-D [B, K, D], got ", docs.ndim(), "-D");
-  RAG_CHECK(op, c_contiguous(docs), "docs must be C-contiguous");
-  args.b = h_in.shape(0);
-  args.d = h_in.shape(1);
+  FusionSoftmaxArgs args = fusion_args(op, h_in, "docs", docs, 3, false);
   args.k = docs.shape(1);
   RAG_CHECK(op, docs.shape(0) == args.b && docs.shape(2) == args.d, "docs must be [B, K, D] with B=",
             args.b, " and D=", args.d, " (from h_in), got [", docs.shape(0), ", ", docs.shape(1), ", ",
             docs.shape(2), "]");
-  args.docs = docs.data();
   return run_fusion(op, args, h_in, w, mask, return_scores, threads, isa);
 }
 
@@ -200,14 +207,8 @@ py::tuple fusion_softmax_gather(const py::array& h_in, const py::array& corpus,
                                 const py::object& w, const py::object& mask, bool return_scores,
                                 int threads, const std::string& isa) {
   constexpr const char* op = "fusion_softmax_gather";
-  check_array(op, "h_in", h_in, 2, 'f', 4, "float32");
   check_array(op, "ids", ids, 2, 'i', 8, "int64");
-  FusionSoftmaxArgs args;
-  args.dtype = doc_dtype(op, "corpus", corpus, true);
-  RAG_CHECK(op, corpus.ndim() == 2, "corpus must be 2-D [N, D], got ", corpus.ndim(), "-D");
-  RAG_CHECK(op, c_contiguous(corpus), "corpus must be C-contiguous");
-  args.b = h_in.shape(0);
-  args.d = h_in.shape(1);
+  FusionSoftmaxArgs args = fusion_args(op, h_in, "corpus", corpus, 2, true);
   args.k = ids.shape(1);
   const int64_t n = corpus.shape(0);
   RAG_CHECK(op, corpus.shape(1) == args.d, "corpus has D=", corpus.shape(1), " but h_in has D=", args.d);
@@ -226,7 +227,6 @@ py::tuple fusion_softmax_gather(const py::array& h_in, const py::array& corpus,
   for (int64_t i = 0; i < args.b * args.k; ++i)
     RAG_CHECK(op, args.ids[i] >= -1 && args.ids[i] < n, "ids must lie in [0, N=", n,
               ") or be -1 (empty slot), got ", args.ids[i], " at (b=", i / args.k, ", k=", i % args.k, ")");
-  args.docs = corpus.data();
   return run_fusion(op, args, h_in, w, mask, return_scores, threads, isa);
 }
 

@@ -215,19 +215,18 @@ struct SimdAvx2 {
 #endif  // __AVX2__ only
 
 #if !defined(__AVX2__) && !defined(__AVX512F__)
+// Half bits -> float: move exponent and mantissa into fp32 position and rebias
+// the exponent by multiplying with 2^112 (exact, subnormal halves included).
 inline float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
-  const int exp = (h >> 10) & 0x1f;
-  const uint32_t mant = h & 0x3ff;
-  float mag;
-  if (exp == 0) mag = std::ldexp(static_cast<float>(mant), -24);  // subnormal
-  else if (exp == 31) mag = mant ? NAN : INFINITY;
-  else mag = std::ldexp(static_cast<float>(mant | 0x400), exp - 25);
-  uint32_t bits;
-  std::memcpy(&bits, &mag, sizeof(bits));
-  bits |= sign;
-  std::memcpy(&mag, &bits, sizeof(mag));
-  return mag;
+  uint32_t bits = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p112f;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((h & 0x7c00u) == 0x7c00u) bits = 0x7f800000u | (static_cast<uint32_t>(h & 0x3ffu) << 13);  // Inf/NaN
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
 }
 
 // Portable path: one lane, libm exp/log (also the oracle the SIMD paths are tested against).
