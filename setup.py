@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -76,6 +76,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    # rag_engine.kernels (Triton) lives in kernels/ (package-dir in pyproject.toml)
+    packages=[*find_packages(include=["rag_engine*"]), "rag_engine.kernels"],
     ext_modules=[CMakeExtension("rag_engine._C")]
     + ([CMakeExtension("rag_engine._C_cuda")] if BUILD_CUDA else []),
     cmdclass={"build_ext": CMakeBuild},

@@ -17,9 +17,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rag_engine import _ext, reference
+from rag_engine import _ext, gpu_ops, reference
 from rag_engine.corpus import CorpusMatrix, as_numpy
 from rag_engine.errors import BackendUnavailableError
+from rag_engine.gpu import DEVICE_BACKENDS
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 BACKEND_ENV = "RAG_ENGINE_BACKEND"
@@ -185,7 +186,9 @@ def topk_ip(
     """
     op = "topk_ip"
     on_cuda = is_cuda(queries) or (not isinstance(corpus, CorpusMatrix) and is_cuda(corpus))
-    name = resolve_backend(op, backend, tuple(_TOPK_IP_IMPLS), on_cuda)
+    name = resolve_backend(op, backend, (*_TOPK_IP_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    if on_cuda:  # CUDA tensors in, CUDA tensors out (rag_engine.gpu_ops)
+        return gpu_ops.topk_ip(name, queries, corpus, check_k(op, k), ids_filter)
     q = float32_matrix(op, "queries", queries, allow_1d=True)
     c = CorpusMatrix.wrap(corpus, op)
     k = check_k(op, k)
@@ -315,7 +318,10 @@ def fusion_softmax(
     Returns (alpha, h_aug), or (alpha, h_aug, scores) with return_scores=True.
     """
     op = "fusion_softmax"
-    name = resolve_backend(op, backend, tuple(_FUSION_SOFTMAX_IMPLS), is_cuda(h_in) or is_cuda(docs))
+    on_cuda = is_cuda(h_in) or is_cuda(docs)
+    name = resolve_backend(op, backend, (*_FUSION_SOFTMAX_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    if on_cuda:
+        return gpu_ops.fusion_softmax(name, h_in, docs, W_a, mask, return_scores)
     d = _array(op, "docs", docs, 3, (np.float32, np.float16, np.uint16))
     h, w, m = _fusion_inputs(op, h_in, W_a, mask, d.shape[1])
     if d.shape[0] != h.shape[0] or d.shape[2] != h.shape[1]:
@@ -359,7 +365,10 @@ def fusion_softmax_gather(
     copy is made. Same outputs and rules as fusion_softmax.
     """
     op = "fusion_softmax_gather"
-    name = resolve_backend(op, backend, tuple(_FUSION_SOFTMAX_GATHER_IMPLS), is_cuda(h_in) or is_cuda(ids))
+    on_cuda = is_cuda(h_in) or is_cuda(ids) or is_cuda(corpus)
+    name = resolve_backend(op, backend, (*_FUSION_SOFTMAX_GATHER_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    if on_cuda:
+        return gpu_ops.fusion_softmax_gather(name, h_in, corpus, ids, W_a, mask, return_scores)
     c = as_corpus_matrix(corpus, op)
     i = as_numpy(ids, "ids", op)
     if i.dtype.kind not in "iu" or i.ndim != 2:
@@ -421,8 +430,10 @@ def rag_token_marg(
     temperature > 0. Returns float32 numpy [B, V].
     """
     op = "rag_token_marg"
-    name = resolve_backend(op, backend, ("cpu", "torch"), is_cuda(logits))
+    name = resolve_backend(op, backend, ("cpu", "torch", *DEVICE_BACKENDS), is_cuda(logits))
     t = _number(op, "temperature", temperature, 0.0, np.inf, low_open=True)
+    if is_cuda(logits):
+        return gpu_ops.rag_token_marg(name, log_alpha, logits, t)
     la, x = _marg_inputs(op, log_alpha, logits)
     if name == "torch":
         return _marg_torch(op, la, x, t)
