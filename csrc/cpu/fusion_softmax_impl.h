@@ -77,11 +77,11 @@ void gemm_cols(const float* h, int64_t rows, int64_t d, const float* w, int64_t 
   }
 }
 
-// A block of up to kBlock documents shares each u load, and the accumulator is
-// read and written once per block instead of once per document (as in
-// flash-attention's tiles); the rows kLookahead slots ahead are prefetched
-// meanwhile (gathered rows are scattered over the corpus: DRAM latency).
-constexpr int kBlock = 4;
+// A block of up to S::kDocBlock documents shares each u load, and the
+// accumulator is read and written once per block instead of once per document
+// (as in flash-attention's tiles); the rows kLookahead slots ahead are
+// prefetched meanwhile (gathered rows are scattered over the corpus: DRAM latency).
+constexpr int kMaxBlock = 8;
 constexpr int kLookahead = 8;
 
 template <class T>
@@ -91,73 +91,95 @@ struct Slot {
   int64_t j;  // slot within its batch row
 };
 
-// s[i] = <u, x_i> for N rows, two FMA chains per row; prefetches `ahead` rows.
+// s[i] = <u, x_i> for N rows, two FMA chains per row; prefetches the `ahead` rows
+// (only gathered rows: dense rows are sequential and the hardware prefetcher has them).
 template <class S, int N, class T>
 inline void dot_block(const float* u, const Slot<T>* slot, int64_t d, const Slot<T>* ahead,
                       int nahead, float* s) {
   using V = typename S::V;
   constexpr int W = S::W;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const T* x[N];
+  const T* pf[kMaxBlock];
+  for (int i = 0; i < N; ++i) x[i] = slot[i].x;
+  for (int p = 0; p < nahead; ++p) pf[p] = ahead[p].x;
   V a0[N], a1[N];
   for (int i = 0; i < N; ++i) a0[i] = a1[i] = S::zero();
   int64_t j = 0;
   for (; j + 2 * W <= d; j += 2 * W) {
-    for (int64_t e = (j + kLine - 1) / kLine * kLine; e < j + 2 * W; e += kLine)  // each line once
-      for (int p = 0; p < nahead; ++p) __builtin_prefetch(ahead[p].x + e, 0, 3);
+    for (int p = 0; p < nahead; ++p) {  // 2W elements span one or two lines
+      __builtin_prefetch(pf[p] + j, 0, 3);
+      if (2 * W * sizeof(T) > 64) __builtin_prefetch(pf[p] + j + W, 0, 3);
+    }
     const V u0 = S::load(u + j), u1 = S::load(u + j + W);
     for (int i = 0; i < N; ++i) {
-      a0[i] = S::fma(u0, S::load(slot[i].x + j), a0[i]);
-      a1[i] = S::fma(u1, S::load(slot[i].x + j + W), a1[i]);
+      a0[i] = S::fma(u0, S::load(x[i] + j), a0[i]);
+      a1[i] = S::fma(u1, S::load(x[i] + j + W), a1[i]);
     }
   }
   for (int p = 0; p < nahead; ++p)
-    for (int64_t e = (j + kLine - 1) / kLine * kLine; e < d; e += kLine) __builtin_prefetch(ahead[p].x + e, 0, 3);
+    if (j < d) __builtin_prefetch(pf[p] + j, 0, 3);
   for (; j < d; j += W) {
     const int64_t n = d - j < W ? d - j : W;
     const V uv = S::load_n(u + j, n);
-    for (int i = 0; i < N; ++i) a0[i] = S::fma(uv, S::load_n(slot[i].x + j, n), a0[i]);
+    for (int i = 0; i < N; ++i) a0[i] = S::fma(uv, S::load_n(x[i] + j, n), a0[i]);
   }
   for (int i = 0; i < N; ++i) s[i] = S::hsum(S::add(a0[i], a1[i])) * slot[i].scale;
 }
 
-// acc = corr * acc + Σ_i c[i] x_i (the multiply skipped when corr == 1); x_i come from L1.
-template <class S, int N, class T>
-inline void axpy_block(float* acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
+// acc = corr * acc + Σ_i c[i] x_i (kScale) or acc += Σ_i c[i] x_i; the x_i come from L1.
+template <class S, int N, bool kScale, class T>
+inline void axpy_block(float* __restrict acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
   using V = typename S::V;
   constexpr int W = S::W;
+  const T* x[N];
   V cv[N];
-  for (int i = 0; i < N; ++i) cv[i] = S::set1(c[i]);
+  for (int i = 0; i < N; ++i) {
+    x[i] = slot[i].x;
+    cv[i] = S::set1(c[i]);
+  }
   const V corr_v = S::set1(corr);
-  const bool rescale = corr != 1.0f;
-  for (int64_t j = 0; j < d; j += W) {
-    const int64_t n = d - j < W ? d - j : W;
-    const bool full = n == W;
-    V v = full ? S::load(acc + j) : S::load_n(acc + j, n);
-    if (rescale) v = S::mul(v, corr_v);
-    for (int i = 0; i < N; ++i) v = S::fma(cv[i], full ? S::load(slot[i].x + j) : S::load_n(slot[i].x + j, n), v);
-    if (full) S::store(acc + j, v);
-    else S::store_n(acc + j, v, n);
+  int64_t j = 0;
+  for (; j + W <= d; j += W) {
+    V v = S::load(acc + j);
+    if (kScale) v = S::mul(v, corr_v);
+    for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load(x[i] + j), v);
+    S::store(acc + j, v);
+  }
+  if (j < d) {
+    const int64_t n = d - j;
+    V v = S::load_n(acc + j, n);
+    if (kScale) v = S::mul(v, corr_v);
+    for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_n(x[i] + j, n), v);
+    S::store_n(acc + j, v, n);
   }
 }
 
-template <class S, class T>
+// Run the block kernel instantiated for exactly n (<= M) documents.
+template <class S, class T, int M>
 inline void block_step(int n, const float* u, const Slot<T>* slot, int64_t d, const Slot<T>* ahead,
                        int nahead, float* s) {
-  switch (n) {
-    case 1: dot_block<S, 1>(u, slot, d, ahead, nahead, s); break;
-    case 2: dot_block<S, 2>(u, slot, d, ahead, nahead, s); break;
-    case 3: dot_block<S, 3>(u, slot, d, ahead, nahead, s); break;
-    default: dot_block<S, kBlock>(u, slot, d, ahead, nahead, s); break;
+  if constexpr (M > 0) {
+    if (n == M) dot_block<S, M>(u, slot, d, ahead, nahead, s);
+    else block_step<S, T, M - 1>(n, u, slot, d, ahead, nahead, s);
   }
 }
 
-template <class S, class T>
+template <class S, bool kScale, class T, int M>
 inline void block_accumulate(int n, float* acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
-  switch (n) {
-    case 1: axpy_block<S, 1>(acc, corr, c, slot, d); break;
-    case 2: axpy_block<S, 2>(acc, corr, c, slot, d); break;
-    case 3: axpy_block<S, 3>(acc, corr, c, slot, d); break;
-    default: axpy_block<S, kBlock>(acc, corr, c, slot, d); break;
+  if constexpr (M > 0) {
+    if (n == M) axpy_block<S, M, kScale>(acc, corr, c, slot, d);
+    else block_accumulate<S, kScale, T, M - 1>(n, acc, corr, c, slot, d);
+  }
+}
+
+// x[i] = exp(x[i] - shift) for i < n, vectorised (exp(-inf) = 0: masked slots).
+template <class S>
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  constexpr int W = S::W;
+  const typename S::V sh = S::set1(shift);
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t cnt = n - i < W ? n - i : W;
+    S::store_n(x + i, S::exp(S::sub(S::load_n_or(x + i, cnt, -std::numeric_limits<float>::infinity()), sh)), cnt);
   }
 }
 
@@ -204,12 +226,13 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
     for (int64_t j = 0; j < d; ++j) h[j] = 0.0f;
     float m = kNegInf, l = 0.0f;
     const int64_t end = first[static_cast<size_t>(b - b0 + 1)];
-    for (int64_t p = first[static_cast<size_t>(b - b0)]; p < end; p += kBlock) {
-      const int n = static_cast<int>(end - p < kBlock ? end - p : kBlock);
+    constexpr int kB = S::kDocBlock;
+    for (int64_t p = first[static_cast<size_t>(b - b0)]; p < end; p += kB) {
+      const int n = static_cast<int>(end - p < kB ? end - p : kB);
       const int64_t q = p + kLookahead;
-      const int nahead = static_cast<int>(q >= nslots ? 0 : (nslots - q < kBlock ? nslots - q : kBlock));
-      float s[kBlock], c[kBlock];
-      block_step<S>(n, u, slots.data() + p, d, slots.data() + (q < nslots ? q : 0), nahead, s);
+      const int nahead = a.ids == nullptr || q >= nslots ? 0 : static_cast<int>(nslots - q < kB ? nslots - q : kB);
+      float s[kB], c[kB];
+      block_step<S, T, kB>(n, u, slots.data() + p, d, slots.data() + (q < nslots ? q : 0), nahead, s);
       float bm = kNegInf;
       for (int i = 0; i < n; ++i) {
         if (!__builtin_isfinite(s[i])) return b * k + slots[static_cast<size_t>(p + i)].j;
@@ -218,22 +241,25 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
       }
       const float corr = bm > m ? ::expf(m - bm) : 1.0f;  // old terms shrink when the max grows
       m = bm > m ? bm : m;
+      for (int i = 0; i < n; ++i) c[i] = s[i];
+      exp_shifted<S>(c, n, m);
       l *= corr;
       for (int i = 0; i < n; ++i) {
-        const float w = ::expf(s[i] - m);
-        l += w;
-        c[i] = w * slots[static_cast<size_t>(p + i)].scale;
+        l += c[i];
+        c[i] *= slots[static_cast<size_t>(p + i)].scale;
       }
-      block_accumulate<S>(n, h, corr, c, slots.data() + p, d);
+      if (corr != 1.0f) block_accumulate<S, true, T, kB>(n, h, corr, c, slots.data() + p, d);
+      else block_accumulate<S, false, T, kB>(n, h, corr, c, slots.data() + p, d);
     }
     float* scores = a.scores != nullptr ? a.scores + b * k : nullptr;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: every slot masked -> zeros
-    for (int64_t j = 0; j < k; ++j) {
-      const float sj = alpha[j];
-      if (scores != nullptr) scores[j] = sj;
-      alpha[j] = sj == kNegInf ? 0.0f : ::expf(sj - m) * inv;
+    if (scores != nullptr)
+      for (int64_t j = 0; j < k; ++j) scores[j] = alpha[j];
+    exp_shifted<S>(alpha, k, m == kNegInf ? 0.0f : m);  // masked: exp(-inf) = 0
+    if (l > 0.0f) {
+      scale_row<S>(alpha, inv, k);
+      scale_row<S>(h, inv, d);
     }
-    if (l > 0.0f) scale_row<S>(h, inv, d);
   }
   return -1;
 }

@@ -68,6 +68,7 @@ struct SimdAvx512 {
   static constexpr int W = 16;
   static constexpr int kGemmRows = 8;   // u = h W: 8 rows x 3 vectors = 24 accumulators
   static constexpr int kGemmVecs = 3;
+  static constexpr int kDocBlock = 8;   // fusion: 8 documents x 2 chains = 16 accumulators
   static __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
@@ -138,6 +139,7 @@ struct SimdAvx2 {
   static constexpr int W = 8;
   static constexpr int kGemmRows = 4;   // 4 x 3 accumulators + 3 loads + 1 broadcast = 16 ymm
   static constexpr int kGemmVecs = 3;
+  static constexpr int kDocBlock = 4;   // 4 x 2 accumulators + 2 u + loads fit 16 ymm
   static __m256i tail_mask(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -235,6 +237,7 @@ struct SimdScalar {
   static constexpr int W = 1;
   static constexpr int kGemmRows = 4;
   static constexpr int kGemmVecs = 4;
+  static constexpr int kDocBlock = 4;
   static V zero() { return 0.0f; }
   static V set1(float x) { return x; }
   static V add(V a, V b) { return a + b; }
