@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,11 @@ class EngineConfig:
     system_prompt: str = prompts.SYSTEM_PROMPT
     threads: int | None = None
     cache_dir: str | None = None
+    prefix_cache_bytes: int = 512 << 20  # document-KV prefix cache bound (0 = off)
+    prefix_block_tokens: int = 16
+    max_batch_rows: int = 16  # continuous batching: rows decoded together
+    max_batch_tokens: int = 16384  # ... and their prompt + max_tokens positions
+    max_waiting: int = 64  # requests queued beyond the running batch (then QueueFullError)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("retriever", self.retriever, RETRIEVERS),
@@ -95,6 +102,9 @@ class Engine:
                  index: PassageIndex, w_a: np.ndarray | None = None) -> None:
         self.config, self.encoder, self._generator, self.index = config, encoder, generator, index
         self.w_a = w_a  # bilinear fusion matrix [D, D]; None = identity (the RAG posterior)
+        self._prefix_cache = self._scheduler = None
+        self.generator_lock = threading.RLock()  # one thread at a time runs the generator session
+        self.retrieved: Counter[int] = Counter()  # passage id -> times retrieved (prefix-cache warming)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,6 +130,67 @@ class Engine:
         if self._generator is None:
             self._generator = self._load_generator(self.config)
         return self._generator
+
+    @property
+    def prefix_cache(self):
+        """The document-KV PrefixCache of the generator (None when prefix_cache_bytes is 0)."""
+        from rag_engine.engine_serve import make_prefix_cache
+
+        if self._prefix_cache is None and self.config.prefix_cache_bytes > 0:
+            self._prefix_cache = make_prefix_cache(self)
+        return self._prefix_cache
+
+    @property
+    def scheduler(self):
+        """The continuous-batching Scheduler (started on first use; ``close()`` stops it)."""
+        from rag_engine.engine_serve import make_scheduler
+
+        if self._scheduler is None:
+            self._scheduler = make_scheduler(self)
+        return self._scheduler
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+    def stats(self) -> dict[str, float]:
+        """Counters: prefix-cache hits/misses/evictions/bytes and the scheduler's queue and batch."""
+        out = dict(self._prefix_cache.stats()) if self._prefix_cache is not None else {}
+        return out | (self._scheduler.stats() if self._scheduler is not None else {})
+
+    def warm_prefix_cache(self, passage_ids=None, queries=None, top: int = 64) -> int:
+        """Prefill the document prefixes of ``passage_ids``, else of the ``top`` passages most
+        retrieved for ``queries``, else most retrieved so far. Returns the number warmed."""
+        from rag_engine.engine_serve import warm_prefix_cache
+
+        return warm_prefix_cache(self, passage_ids, queries, top)
+
+    def submit(self, query: str, params: SamplingParams | None = None, k: int | None = None,
+               mode: str | None = None, retriever: str | None = None, where: dict[str, Any] | None = None):
+        """Queue one query on the scheduler; returns a RequestHandle (``.result()``, ``.deltas()``)."""
+        from rag_engine.engine_serve import submit
+
+        return submit(self, query, params, k, mode, retriever, where)
+
+    async def agenerate(self, query: str, params: SamplingParams | None = None, k: int | None = None,
+                        mode: str | None = None, retriever: str | None = None,
+                        where: dict[str, Any] | None = None) -> RagOutput:
+        """``generate`` for one query from asyncio, continuously batched with other requests."""
+        from rag_engine.engine_serve import asubmit
+
+        handle = await asubmit(self, query, params, k, mode, retriever, where)
+        return await handle.aresult()
+
+    async def astream(self, query: str, params: SamplingParams | None = None, k: int | None = None,
+                      mode: str | None = None, retriever: str | None = None,
+                      where: dict[str, Any] | None = None) -> AsyncIterator[str]:
+        """Text deltas of one answer from asyncio; leaving the loop early cancels the request."""
+        from rag_engine.engine_serve import asubmit
+
+        handle = await asubmit(self, query, params, k, mode, retriever, where)
+        async for delta in handle.adeltas():
+            yield delta
 
     def save(self, path: str | Path) -> None:
         """Index, config and fusion weights, written atomically together."""
@@ -227,6 +298,7 @@ class Engine:
                                                  threads=self.config.threads)
         t3 = time.perf_counter()
         metrics.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), fuse_ms=1e3 * (t3 - t2))
+        self.retrieved.update(int(i) for i in ids[ids >= 0].tolist())
         docs = []
         for q, hits in enumerate(self.index.hits(scores, ids)):
             a = alpha[q][ids[q] >= 0]
@@ -249,7 +321,8 @@ class Engine:
         params = params or SamplingParams(max_tokens=128, temperature=0.0)
         metrics: dict[str, float] = {}
         docs = self._context(qs, k, retriever, where, metrics)
-        return run_mode(self, mode, qs, docs, params, metrics)
+        with self.generator_lock:
+            return run_mode(self, mode, qs, docs, params, metrics)
 
     def stream(self, query: str, params: SamplingParams | None = None, k: int | None = None,
                mode: str | None = None, retriever: str | None = None, where: dict[str, Any] | None = None
@@ -263,7 +336,8 @@ class Engine:
         k = self.config.k if k is None else _check_k(k)
         params = params or SamplingParams(max_tokens=128, temperature=0.0)
         docs = self._context(_query_list(query), k, retriever, where, {})
-        yield from stream_mode(self, mode, query, docs[0], params)
+        with self.generator_lock:
+            yield from stream_mode(self, mode, query, docs[0], params)
 
 
 def _query_list(queries: str | Sequence[str]) -> list[str]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from rag_engine import modes, prompts
+from rag_engine.engine_serve import rag_doc_prompts
 from rag_engine.generator import SamplingParams
 
 # Imported by Engine.generate / Engine.stream only (keeps engine.py small).
@@ -57,11 +58,16 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
             results.append(output_of(group[best], _ordered(d), metrics | {"rag_sequence_choice": best}))
         return results
     # rag_token
-    doc_ids = [[gen.encode(m) for m in group] for group in doc_msgs]
+    doc_ids, cacheable = [], []
+    for q, d in zip(qs, docs):
+        ids, lens = rag_doc_prompts(eng, q, d, k)
+        doc_ids.append(ids)
+        cacheable += lens
     rows = [modes.make_row(gen, gen.encode(prompts.concat_messages(q, [])), params) for q in qs]
     for r in rows:
         r.t_start = t0
-    for _ in modes.rag_token_generate(gen, doc_ids, log_alpha, [params] * len(qs), rows):
+    for _ in modes.rag_token_generate(gen, doc_ids, log_alpha, [params] * len(qs), rows,
+                                      eng.prefix_cache, cacheable):
         pass
     out = []
     for r, d in zip(rows, docs):
@@ -86,12 +92,11 @@ def stream_mode(eng, mode: str, question: str, docs, params: SamplingParams) -> 
     if mode == "rag_token":
         gen = eng.generator
         k = len(docs)
-        doc_ids = [[gen.encode(prompts.concat_messages(question, [d.text], eng.config.system_prompt))
-                    for d in docs]]
+        ids, cacheable = rag_doc_prompts(eng, question, docs, k)
         la = np.log(np.maximum(np.array([[d.alpha for d in docs]], np.float64), 1e-30)).astype(np.float32)
         row = modes.make_row(gen, gen.encode(prompts.concat_messages(question, [])), params)
         assert la.shape == (1, k)
-        for events in modes.rag_token_generate(gen, doc_ids, la, [params], [row]):
+        for events in modes.rag_token_generate(gen, [ids], la, [params], [row], eng.prefix_cache, cacheable):
             for _, delta in events:
                 if delta:
                     yield delta

@@ -18,17 +18,20 @@ from rag_engine import ops
 from rag_engine.generator import GenerationOutput, Generator, SamplingParams
 from rag_engine.generator.detokenize import IncrementalDetokenizer
 from rag_engine.generator.kv_cache import KVCache
-from rag_engine.generator.loop import Row, decode_one_token, prefill
+from rag_engine.generator.loop import Row, decode_one_token
+from rag_engine.generator.prefix_cache import PrefixCache, prefill_rows
 from rag_engine.generator.sampling import Sampler
 
 
 def rag_token_generate(gen: Generator, doc_prompts: Sequence[Sequence[np.ndarray]], log_alpha: np.ndarray,
-                       params: Sequence[SamplingParams], rows: Sequence[Row]
+                       params: Sequence[SamplingParams], rows: Sequence[Row],
+                       prefix_cache: PrefixCache | None = None, cacheable: Sequence[int] | None = None
                        ) -> Iterator[list[tuple[int, str]]]:
     """Run RAG-Token decoding; yields [(query index, text delta)] after each step.
 
     doc_prompts[q][i]: token ids of document i's prompt for query q (K per query);
     log_alpha [Q, K] float32 (-inf for a padded slot); rows[q] collects query q's output.
+    prefix_cache / cacheable (one per flattened doc prompt): reuse and store document-prefix KV.
     """
     spec = gen.session.spec
     nq, k = log_alpha.shape
@@ -39,7 +42,7 @@ def rag_token_generate(gen: Generator, doc_prompts: Sequence[Sequence[np.ndarray
     lengths = np.array([len(p) for p in flat], np.int64)
     live = np.arange(nq)
     la = np.ascontiguousarray(log_alpha, np.float32)
-    logits = prefill(gen.session, cache, flat)
+    logits = prefill_rows(gen.session, cache, 0, flat, prefix_cache, cacheable)
     while True:
         marginal = ops.rag_token_marg(la[live], logits.reshape(len(live), k, -1))
         tokens = sampler.sample(marginal)

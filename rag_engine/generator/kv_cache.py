@@ -33,6 +33,15 @@ class KVCache:
         n = self.batch
         return [(self.buffer[layer, 0, :n], self.buffer[layer, 1, :n]) for layer in range(self.num_layers)]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``[start, stop)`` of this buffer (a view: runs on it write here)."""
+        if not 0 <= start < stop <= self.buffer.shape[2]:
+            raise ValueError(f"rows must satisfy 0 <= start < stop <= {self.buffer.shape[2]}, got [{start}, {stop})")
+        view = object.__new__(KVCache)
+        view.buffer, view.batch, view.max_len, view.num_layers = (
+            self.buffer[:, :, start:stop], stop - start, self.max_len, self.num_layers)
+        return view
+
     def keep(self, rows: np.ndarray, used: int) -> None:
         """Keep only ``rows`` (ascending live-row indices), moved to the front; copies ``[:used]`` positions."""
         rows = np.asarray(rows, np.int64)

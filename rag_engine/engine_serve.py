@@ -1,0 +1,192 @@
+"""The Engine's serving side: prefix cache, scheduler requests per mode, cache warming.
+
+Document prefixes: a prompt's cacheable part is what it shares with the same prompt for
+another question (``PROBE``) — the system prompt, the documents and the template up to the
+question — so the cache keeps documents, never questions. Exact by construction: the key is
+the token ids themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from rag_engine import modes, prompts
+from rag_engine.generator import SamplingParams
+from rag_engine.generator.kv_cache import KVCache
+from rag_engine.generator.prefix_cache import (
+    PrefixCache,
+    PrefixCacheConfig,
+    prefill_rows,
+    shared_prefix_len,
+)
+from rag_engine.scheduler import (
+    Request,
+    RequestHandle,
+    Scheduler,
+    SchedulerConfig,
+    mixed_seq,
+    single_seq,
+)
+
+PROBE, PROBE2 = "\x00", "\x01"  # questions no tokenizer merges with the template text before them
+
+
+def make_prefix_cache(eng) -> PrefixCache:
+    cfg = eng.config
+    key = f"{eng.generator.session.folder.name}"  # the export folder: model content hash + precision
+    return PrefixCache(key, PrefixCacheConfig(cfg.prefix_cache_bytes, cfg.prefix_block_tokens))
+
+
+def make_scheduler(eng) -> Scheduler:
+    cfg = eng.config
+    sched = SchedulerConfig(max_batch_rows=cfg.max_batch_rows, max_batch_tokens=cfg.max_batch_tokens,
+                            max_waiting=cfg.max_waiting)
+    return Scheduler(eng.generator.session, sched, eng.prefix_cache, eng.generator_lock)
+
+
+def cacheable_len(eng, ids: np.ndarray, probe_messages: list[dict]) -> int:
+    """Leading ids of ``ids`` that do not depend on the question (0 when the cache is off)."""
+    if eng.prefix_cache is None:
+        return 0
+    return shared_prefix_len(ids, eng.generator.encode(probe_messages))
+
+
+def rag_doc_prompts(eng, question: str, docs: Sequence, k: int) -> tuple[list[np.ndarray], list[int]]:
+    """rag_token/rag_sequence rows: per slot i < k, ids of (document i, question) and its cacheable length.
+
+    Slots beyond ``len(docs)`` hold the bare question (their α is 0)."""
+    system, ids, cacheable = eng.config.system_prompt, [], []
+    for i in range(k):
+        passages = [docs[i].text] if i < len(docs) else []
+        p = eng.generator.encode(prompts.concat_messages(question, passages, system))
+        ids.append(p)
+        cacheable.append(cacheable_len(eng, p, prompts.concat_messages(PROBE, passages, system)))
+    return ids, cacheable
+
+
+def log_alphas(docs: Sequence, k: int) -> np.ndarray:
+    """log α ``[k]`` fp32 (-inf for empty slots); no documents: slot 0 carries all the mass."""
+    out = np.full(k, -np.inf, np.float32)
+    a = np.array([d.alpha for d in docs], np.float64)
+    if len(a) == 0 or a.sum() <= 0:
+        out[0] = 0.0
+    else:
+        out[: len(a)] = np.log(np.maximum(a, 1e-30))
+    return out
+
+
+def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, retriever: str | None,
+                  where: dict | None, handle: RequestHandle, messages: list[dict] | None = None) -> Request:
+    """Retrieve for ``query`` and turn it into scheduler sequences for ``mode``.
+
+    ``messages``: with k = 0, the chat to answer as is (no retrieval, no RAG template)."""
+    from rag_engine.engine_generate import _concat_messages, _ordered
+
+    gen, metrics = eng.generator, {}
+    t0 = time.perf_counter()
+    docs = eng._context([query], k, retriever, where, metrics)[0] if k else []
+
+    def row(prompt: np.ndarray, p: SamplingParams = params):
+        r = modes.make_row(gen, prompt, p)
+        r.t_start = t0
+        return r
+
+    if mode == "concat" or not docs:
+        msgs = messages if messages is not None and not docs else _concat_messages(eng, query, docs)
+        ids = gen.encode(msgs)
+        probe = _concat_messages(eng, PROBE, docs) if messages is None or docs else None
+        seq = single_seq(row(ids), cacheable_len(eng, ids, probe) if probe else 0)
+        return Request([seq], handle, lambda req: output_of_row(req.seqs[0].row, _ordered(docs), metrics))
+    ids, cacheable = rag_doc_prompts(eng, query, docs, k)
+    la = log_alphas(docs, k)
+    if mode == "rag_token":
+        seq = mixed_seq(ids, la, row(gen.encode(prompts.concat_messages(query, []))), cacheable)
+        n = sum(len(x) for x in ids)
+        return Request([seq], handle, lambda req: output_of_row(req.seqs[0].row, _ordered(docs), metrics, n))
+    if mode != "rag_sequence":
+        raise ValueError(f"mode {mode!r} cannot be served; use 'concat', 'rag_token' or 'rag_sequence'")
+    p = params if params.logprobs is not None else dataclasses.replace(params, logprobs=0)
+    seqs = [single_seq(row(x, p), c) for x, c in zip(ids, cacheable)]
+
+    def choose(req: Request):
+        outs = [output_of_row(s.row, (), {}) for s in req.seqs]
+        best = modes.choose_sequence([_as_generation(s.row) for s in req.seqs], la)
+        return dataclasses.replace(outs[best], documents=_ordered(docs),
+                                   metrics=outs[best].metrics | metrics | {"rag_sequence_choice": best})
+
+    return Request(seqs, handle, choose, stream=False)
+
+
+def _as_generation(row):
+    """The fields of a row that ``modes.choose_sequence`` reads."""
+    return dataclasses.make_dataclass("RowOutput", ["token_ids", "logprobs"])(tuple(row.tokens), row.logprobs)
+
+
+def _checked(eng, params, k, mode):
+    from rag_engine.engine import MODES, _check_k
+
+    mode = mode or eng.config.mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    k = eng.config.k if k is None else _check_k(k)
+    return params or SamplingParams(max_tokens=128, temperature=0.0), k, mode
+
+
+def submit(eng, query: str, params: SamplingParams | None, k: int | None, mode: str | None,
+           retriever: str | None, where: dict | None, messages: list[dict] | None = None,
+           loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+    """Retrieve and tokenise in the calling thread, then queue on the scheduler."""
+    params, k, mode = _checked(eng, params, k, mode)
+    handle = RequestHandle(loop)
+    return eng.scheduler.submit(build_request(eng, query, params, k, mode, retriever, where, handle, messages))
+
+
+async def asubmit(eng, query: str, params: SamplingParams | None, k: int | None, mode: str | None,
+                  retriever: str | None, where: dict | None, messages: list[dict] | None = None) -> RequestHandle:
+    """``submit`` from asyncio: retrieval runs in a worker thread; events arrive on this loop."""
+    loop = asyncio.get_running_loop()
+    return await asyncio.to_thread(submit, eng, query, params, k, mode, retriever, where, messages, loop)
+
+
+def warm_prefix_cache(eng, passage_ids: Sequence[int] | None, queries: Sequence[str] | None, top: int,
+                      batch: int = 4) -> int:
+    """Prefill the rag_token document prefixes of the chosen passages into the prefix cache."""
+    cache = eng.prefix_cache
+    if cache is None:
+        return 0
+    if passage_ids is None:
+        counts = eng.retrieved
+        if queries:
+            counts = type(counts)()
+            for hits in eng.retrieve(list(queries)):
+                counts.update(h.passage_id for h in hits)
+        passage_ids = [pid for pid, _ in counts.most_common(top)]
+    texts = [eng.index.passage(int(pid)).text for pid in passage_ids]
+    gen, spec, system = eng.generator, eng.generator.session.spec, eng.config.system_prompt
+    with eng.generator_lock:
+        for start in range(0, len(texts), batch):
+            chunk = [gen.encode(prompts.concat_messages(PROBE, [t], system)) for t in texts[start:start + batch]]
+            kv = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(chunk), max(len(c) for c in chunk))
+            # the probe prompt's doc part is its cacheable part: all but the probe and what follows
+            lengths = [shared_prefix_len(c, gen.encode(prompts.concat_messages(PROBE2, [t], system)))
+                       for c, t in zip(chunk, texts[start:start + batch])]
+            prefill_rows(gen.session, kv, 0, chunk, cache, lengths)
+    return len(texts)
+
+
+def output_of_row(row, docs: Sequence, metrics: dict, prompt_tokens: int | None = None):
+    """RagOutput of a finished scheduler row (timings from its submission)."""
+    from rag_engine.engine import RagOutput
+
+    dt = max(row.t_done - row.t_first, 1e-9)
+    n = len(row.tokens)
+    m = dict(metrics, ttft_ms=1e3 * (row.t_first - row.t_start), prefill_ms=1e3 * (row.t_first - row.t_start),
+             decode_ms=1e3 * dt, decode_tokens_per_s=(n - 1) / dt if n > 1 else 0.0,
+             tpot_ms=1e3 * dt / (n - 1) if n > 1 else 0.0,
+             prompt_tokens=len(row.prompt) if prompt_tokens is None else prompt_tokens, completion_tokens=n)
+    return RagOutput(row.text, tuple(docs), tuple(row.tokens), row.finish_reason or "length", m)

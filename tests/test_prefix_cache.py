@@ -1,0 +1,150 @@
+"""Document-KV prefix cache: outputs with the cache equal outputs without it.
+
+Greedy token ids must be identical and logits within 1e-5 (the suffix runs on copied fp32 KV:
+the same math as a cold prefill, so differences are summation-order noise, ~1e-7 here), across
+ragged batches, mixed hit/miss rows and evictions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("bm25s")
+from test_engine import DOCS, GREEDY, cache_dir, encoder, generator, make_engine  # noqa: E402,F401
+from test_generator import tiny_model  # noqa: E402
+from test_generator_text import gen_byte_tokenizer  # noqa: E402,F401  (fixture)
+
+from rag_engine.generator import Generator  # noqa: E402
+from rag_engine.generator.kv_cache import KVCache  # noqa: E402
+from rag_engine.generator.loop import decode_one_token, prefill  # noqa: E402
+from rag_engine.generator.prefix_cache import (  # noqa: E402
+    PrefixCache,
+    PrefixCacheConfig,
+    prefill_rows,
+    shared_prefix_len,
+)
+
+DOC_A = np.arange(10, 47, dtype=np.int64)  # 37 ids: 2 full blocks of 16 + a tail of 5
+DOC_B = np.arange(100, 160, dtype=np.int64)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def session(request, tmp_path_factory):
+    gen = Generator.from_hf(tiny_model(request.param, seed=1), None, cache_dir=tmp_path_factory.mktemp("pc"))
+    return gen.session
+
+
+def new_cache(session, batch, max_len=128):
+    s = session.spec
+    return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, batch, max_len)
+
+
+def greedy_run(session, cache, logits, lengths, steps=6):
+    """Greedy ids ``[B, steps]`` and every step's logits, decoding on ``cache``."""
+    ids, all_logits = [], [logits.copy()]
+    lengths = lengths.copy()
+    for _ in range(steps):
+        tok = all_logits[-1].argmax(-1)
+        ids.append(tok)
+        all_logits.append(decode_one_token(session, cache, tok, lengths).copy())
+        lengths += 1
+    return np.stack(ids, 1), all_logits
+
+
+def assert_same_generation(session, prompts, pc, cacheable=None):
+    lengths = np.array([len(p) for p in prompts], np.int64)
+    cold = new_cache(session, len(prompts))
+    ref_ids, ref_logits = greedy_run(session, cold, prefill(session, cold, prompts), lengths)
+    warm = new_cache(session, len(prompts))
+    ids, logits = greedy_run(session, warm, prefill_rows(session, warm, 0, prompts, pc, cacheable), lengths)
+    np.testing.assert_array_equal(ids, ref_ids)
+    for a, b in zip(logits, ref_logits):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_hits_ragged_and_mixed_rows_match_cold_prefill(session):
+    pc = PrefixCache("tiny", PrefixCacheConfig(max_bytes=64 << 20))
+    q1, q2 = np.array([7, 8, 9], np.int64), np.array([200, 3], np.int64)
+    first = [np.concatenate([DOC_A, q1]), np.concatenate([DOC_B, q2])]
+    assert_same_generation(session, first, pc, [len(DOC_A), len(DOC_B)])  # all misses, stored
+    assert pc.misses == 2 and pc.hits == 0 and pc.nbytes > 0
+    # hits on both documents with other questions, a miss row, and a row longer than any block
+    mixed = [np.concatenate([DOC_B, q1, q1]), np.array([5, 6, 250], np.int64), np.concatenate([DOC_A, q2])]
+    assert_same_generation(session, mixed, pc, [len(DOC_B), 0, len(DOC_A)])
+    assert pc.hits == 2 and pc.misses == 3
+    assert pc.hit_tokens == len(DOC_A) + len(DOC_B)  # the tail block made the whole documents hit
+    # a prompt that is entirely cached still runs its last id (its logits start the generation)
+    assert_same_generation(session, [DOC_A.copy()], pc)
+
+
+def test_evictions_keep_outputs_and_the_byte_bound(session):
+    spec = session.spec
+    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4
+    bound = 40 * per_token  # room for about one document
+    pc = PrefixCache("tiny", PrefixCacheConfig(max_bytes=bound, block_tokens=8))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, int(n)) for n in rng.integers(20, 60, 6)]
+    for step in range(12):
+        picks = [docs[i] for i in rng.choice(len(docs), 3)]
+        prompts = [np.concatenate([d, rng.integers(0, 300, int(rng.integers(1, 6)))]) for d in picks]
+        assert_same_generation(session, prompts, pc, [len(d) for d in picks])
+        assert pc.nbytes <= bound, (step, pc.nbytes)
+        assert pc.nbytes == sum(b.kv.nbytes for b in pc._blocks.values())
+    assert pc.evictions > 0 and pc.hits > 0
+
+
+def test_keys_cover_positions_and_longest_prefix():
+    pc = PrefixCache("m", PrefixCacheConfig(block_tokens=4))
+    kv = np.random.default_rng(0).standard_normal((2, 2, 1, 12, 8)).astype(np.float32)
+    ids = np.arange(12, dtype=np.int64)
+    pc.insert(ids, kv, 10)  # blocks [0,4) [4,8) and a tail [8,10)
+    blocks = pc.match(np.concatenate([ids[:10], [99]]))
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=3), kv[:, :, :, :10])
+    assert sum(b.shape[3] for b in pc.match(np.concatenate([ids[:6], [99, 98]]))) == 4  # block granularity
+    assert pc.match(ids[4:]) == []  # the same ids at other positions are another key
+    assert pc.match(ids, limit=9)[-1].shape[3] == 4  # the tail no longer fits under the limit
+    assert shared_prefix_len(ids, np.array([0, 1, 5])) == 2
+    with pytest.raises(ValueError, match="length 13 exceeds"):
+        pc.insert(ids, kv, 13)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCacheConfig(max_bytes=-1)
+    with pytest.raises(ValueError, match="block_tokens"):
+        PrefixCacheConfig(block_tokens=0)
+
+
+def test_evicting_a_block_evicts_its_descendants():
+    pc = PrefixCache("m", PrefixCacheConfig(block_tokens=2, max_bytes=1 << 20))
+    kv = np.zeros((1, 2, 1, 8, 4), np.float32)
+    pc.insert(np.arange(8), kv, 8)
+    pc.insert(np.arange(100, 108), kv, 8)
+    pc._drop(next(iter(pc._blocks)))  # the LRU block is the first chain's leaf ... its root goes last
+    assert len(pc) == 7
+    root = next(k for k, b in pc._blocks.items() if b.parent == 0 and k[1] == np.arange(2).tobytes())
+    pc._drop(root)
+    assert len(pc) == 4 and pc.match(np.arange(8)) == [] and len(pc.match(np.arange(100, 108))) == 4
+
+
+def test_engine_rag_token_cache_on_equals_off(encoder, generator, cache_dir):  # noqa: F811
+    off = make_engine(encoder, generator, cache_dir, prefix_cache_bytes=0, k=3, mode="rag_token")
+    on = make_engine(encoder, generator, cache_dir, k=3, mode="rag_token")
+    qs = ["How do I read a file?", "How do dictionaries handle a missing key?", "What is a class?"]
+    ref = off.generate(qs, GREEDY)
+    assert off.prefix_cache is None and off.stats() == {}
+    for _ in range(2):  # cold, then every document prefix hits
+        outs = on.generate(qs, GREEDY)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    stats = on.stats()
+    assert stats["prefix_cache_hits"] >= 9 and stats["prefix_cache_bytes"] <= on.config.prefix_cache_bytes
+    streamed = "".join(on.stream(qs[0], GREEDY))
+    assert streamed == ref[0].text
+
+
+def test_warm_prefix_cache_makes_first_queries_hit(encoder, generator, cache_dir):  # noqa: F811
+    eng = make_engine(encoder, generator, cache_dir, k=2, mode="rag_token")
+    assert eng.warm_prefix_cache(queries=["read a file", "dictionary key"], top=4) == 4
+    before = eng.stats()["prefix_cache_hits"]
+    eng.generate(["How do I read a file?"], GREEDY)
+    assert eng.stats()["prefix_cache_hits"] > before
+    assert len(DOCS) == 4
