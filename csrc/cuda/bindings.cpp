@@ -53,7 +53,7 @@ void check_device(const char* op) {
             kMinArch, " or newer (built for ", RAG_ENGINE_CUDA_ARCHS_STR, "); use backend='triton' or 'torch'");
   const cudaError_t probe = cuda_kernels_probe();
   if (probe != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free launch error so later calls are unaffected
+    cudaGetLastError();  // the probe error is not sticky: clear it so later calls are unaffected
     RAG_CHECK(op, false, "this build has no kernels for sm_", arch, " (built for ", RAG_ENGINE_CUDA_ARCHS_STR,
               "; rebuild with RAG_ENGINE_CUDA_ARCHS=", arch, "): ", cudaGetErrorString(probe));
   }

@@ -49,17 +49,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum over the block, returned to every thread. `scratch` holds one float per
-// warp; the leading __syncthreads makes back-to-back calls safe.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Block-wide reduction with the warp-level `warp_reduce`, result to every
+// thread. `scratch` holds one T per warp; the leading __syncthreads makes
+// back-to-back calls safe. `empty` is the identity of the reduction.
+template <typename T, typename WarpReduce>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T empty, WarpReduce warp_reduce) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v);
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float t = lane < nwarps ? scratch[lane] : 0.f;
-  return warp_sum(t);
+  return warp_reduce(lane < nwarps ? scratch[lane] : empty);
+}
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  return block_reduce(v, scratch, 0.f, [](float x) { return warp_sum(x); });
 }
 
 // Online-softmax state (running max m, sum s of exp(x - m)) merged by max.
@@ -83,16 +88,8 @@ __device__ __forceinline__ MaxSum warp_merge(MaxSum v) {
   return v;
 }
 
-// Block-wide merge, result to every thread; `scratch` holds one MaxSum per warp.
 __device__ __forceinline__ MaxSum block_merge(MaxSum v, MaxSum* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  v = warp_merge(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  MaxSum t = lane < nwarps ? scratch[lane] : MaxSum{-INFINITY, 0.f};
-  return warp_merge(t);
+  return block_reduce(v, scratch, MaxSum{-INFINITY, 0.f}, [](MaxSum x) { return warp_merge(x); });
 }
 
 // Records the smallest bad index seen (non-finite score, bad id) for the host.
