@@ -337,6 +337,9 @@ def _gather_cpu(h, c, ids, w, m, return_scores, threads, isa):
 
 
 def _gather_torch(h, c, ids, w, m, return_scores, threads, isa):
+    if ids.size and (ids.min() < -1 or ids.max() >= c.n):  # the C++ kernel checks its own
+        raise ValueError(f"fusion_softmax_gather: ids must lie in [0, N={c.n}) or be -1 (empty slot), "
+                         f"got range [{ids.min()}, {ids.max()}]")
     valid = ids >= 0 if m is None else m & (ids >= 0)
     return _fusion_torch("fusion_softmax_gather", h, reference.gather_rows(c, ids), w, valid, return_scores)
 
@@ -378,9 +381,6 @@ def fusion_softmax_gather(
     if i.shape[0] != h.shape[0] or c.dim != h.shape[1]:
         raise ValueError(f"{op}: need ids [B={h.shape[0]}, K] and corpus [N, D={h.shape[1]}], "
                          f"got ids {list(i.shape)} and corpus {list(c.shape)}")
-    if i.size and (i.min() < -1 or i.max() >= c.n):
-        raise ValueError(f"{op}: ids must lie in [0, N={c.n}) or be -1 (empty slot), "
-                         f"got range [{i.min()}, {i.max()}]")
     out = _FUSION_SOFTMAX_GATHER_IMPLS[name](h, c, i, w, m, return_scores, resolve_threads(op, threads), isa)
     return out if return_scores else out[:2]
 

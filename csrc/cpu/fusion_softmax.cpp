@@ -24,6 +24,8 @@ FusionKernels pick_fusion_kernels(Isa isa) {
 // Multiply-adds one thread should have before a second one pays for its
 // wake-up (a few microseconds): below this the call stays single-threaded.
 constexpr int64_t kWorkPerThread = 96 * 1024;
+// Batch rows per thread from which each thread computes its own rows of U = H W_a.
+constexpr int64_t kRowsPerThread = 16;
 
 }  // namespace
 
@@ -38,17 +40,24 @@ int64_t fusion_softmax_cpu(const FusionSoftmaxArgs& a) {
   const float* u = a.w != nullptr ? ubuf.data() : a.h_in;
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
 
+  // With a full GEMM row block per thread, each thread computes u for its own
+  // rows (reading all of W_a from L3) and goes straight on: no barrier, and its
+  // u rows are still in cache. Fewer rows: split W_a's columns, then a barrier.
+  const bool own_rows = a.b >= kRowsPerThread * nt;
+
 #pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
   {
     const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (a.w != nullptr) {
+    const int64_t b0 = a.b * t / nth, b1 = a.b * (t + 1) / nth;
+    if (a.w != nullptr && own_rows) {
+      if (b0 < b1) kern.gemm_cols(a.h_in + b0 * a.d, b1 - b0, a.d, a.w, 0, a.d, ubuf.data() + b0 * a.d);
+    } else if (a.w != nullptr) {
       const int64_t p0 = panels * t / nth, p1 = panels * (t + 1) / nth;
       if (p0 < p1)
         kern.gemm_cols(a.h_in, a.b, a.d, a.w, p0 * kern.gemm_panel,
                        std::min(a.d, p1 * kern.gemm_panel), ubuf.data());
 #pragma omp barrier
     }
-    const int64_t b0 = a.b * t / nth, b1 = a.b * (t + 1) / nth;
     const int64_t r = b0 < b1 ? kern.rows(a, u, b0, b1) : -1;
     const int64_t first_bad = r >= 0 ? r : std::numeric_limits<int64_t>::max();
     int64_t cur = bad.load();

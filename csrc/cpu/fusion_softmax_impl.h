@@ -79,10 +79,10 @@ void gemm_cols(const float* h, int64_t rows, int64_t d, const float* w, int64_t 
 
 // A block of up to S::kDocBlock documents shares each u load, and the
 // accumulator is read and written once per block instead of once per document
-// (as in flash-attention's tiles); the rows kLookahead slots ahead are
-// prefetched meanwhile (gathered rows are scattered over the corpus: DRAM latency).
+// (as in flash-attention's tiles); the rows kLookahead blocks ahead are
+// prefetched meanwhile (gathered rows are scattered over the corpus).
 constexpr int kMaxBlock = 8;
-constexpr int kLookahead = 8;
+constexpr int kLookahead = 1;  // blocks
 
 template <class T>
 struct Slot {
@@ -229,7 +229,7 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
     constexpr int kB = S::kDocBlock;
     for (int64_t p = first[static_cast<size_t>(b - b0)]; p < end; p += kB) {
       const int n = static_cast<int>(end - p < kB ? end - p : kB);
-      const int64_t q = p + kLookahead;
+      const int64_t q = p + kLookahead * kB;
       const int nahead = a.ids == nullptr || q >= nslots ? 0 : static_cast<int>(nslots - q < kB ? nslots - q : kB);
       float s[kB], c[kB];
       block_step<S, T, kB>(n, u, slots.data() + p, d, slots.data() + (q < nslots ? q : 0), nahead, s);
