@@ -194,6 +194,14 @@ def folder_key(folder: Path) -> str:
     return assets.hash_files(folder, ("*.safetensors", "*.bin", "config.json"))
 
 
+def builder_fingerprint() -> str:
+    """Hash of the code that shapes an export, so that a changed builder never serves old graphs."""
+    digest = hashlib.sha256()
+    for name in ("graph.py", "spec.py", "quant.py", "export.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_export(model_key_: str, load_model, config: ExportConfig,
                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the export folder for ``model_key_`` + ``config``, building it when absent or broken.
@@ -201,7 +209,8 @@ def cached_export(model_key_: str, load_model, config: ExportConfig,
     ``load_model`` is called only on a miss (so a cache hit never imports torch).
     """
     opts = json.dumps(dataclasses.asdict(config), sort_keys=True)
-    key = hashlib.sha256(f"{FORMAT_VERSION}|{model_key_}|{opts}".encode()).hexdigest()[:24]
+    key = f"{FORMAT_VERSION}|{builder_fingerprint()}|{model_key_}|{opts}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
     root = assets.cache_root(cache_dir) / "onnx"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{config.precision}-{key}"
