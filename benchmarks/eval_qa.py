@@ -78,10 +78,12 @@ def main() -> None:
     p.add_argument("--passage-tokens", type=int, default=128)
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--answer-configs", default="none,concat1,concat2,concat3",
+    p.add_argument("--max-tokens", type=int, default=80)
+    p.add_argument("--answer-configs", default="none,concat1,concat2,rag_token2",
                    help="comma list of none | concat<k> | rag_token<k> | rag_sequence<k>")
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF rule: also penalises prompt tokens, i.e. copying from the context")
+    p.add_argument("--frequency-penalty", type=float, default=0.5, help="output tokens only (stops loops)")
     args = p.parse_args()
     qa = load_qa(args.limit)
     ok = containing_topics()
@@ -104,9 +106,9 @@ def main() -> None:
         print(f"| {name} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} |", flush=True)
     eng.config = base_config
     if not args.retrieval_only:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
-                                repetition_penalty=args.repetition_penalty)
-        print(f"\n| answers ({args.precision}, greedy, rep. penalty {args.repetition_penalty}) | accuracy | s |")
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=args.repetition_penalty,
+                                frequency_penalty=args.frequency_penalty)
+        print(f"\n| answers ({args.precision}, greedy, frequency penalty {args.frequency_penalty}) | accuracy | s |")
         print("|---|---|---|")
         for cfg in args.answer_configs.split(","):
             mode = "concat" if cfg == "none" else cfg.rstrip("0123456789")

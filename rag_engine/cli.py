@@ -101,7 +101,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         overrides["generator"] = args.generator
     eng = Engine.load(args.dir, **overrides)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            repetition_penalty=args.repetition_penalty)
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty)
     for question in args.questions:
         print(f"Q: {question}")
         if args.stream:
@@ -119,6 +119,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
         stages = " | ".join(f"{k.removesuffix('_ms')} {m[k]:.0f} ms" for k in
                             ("encode_ms", "retrieve_ms", "fuse_ms", "prefill_ms", "decode_ms") if k in m)
         print(f"  timings: {stages} | {m.get('decode_tokens_per_s', 0):.1f} tok/s\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rag_engine.engine import Engine
+    from rag_engine.serve import ServerConfig, serve
+
+    overrides = {"generator_precision": args.precision} if args.precision else {}
+    if args.generator:
+        overrides["generator"] = args.generator
+    for name in ("mode", "k", "threads", "max_batch_rows", "max_waiting"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.prefix_cache_mb is not None:
+        overrides["prefix_cache_bytes"] = args.prefix_cache_mb << 20
+    eng = Engine.load(args.dir, **overrides)
+    serve(eng, args.host, args.port, ServerConfig(model_name=args.model_name, max_body_bytes=args.max_body_bytes))
     return 0
 
 
@@ -161,10 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-tokens", type=int, default=96)
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--repetition-penalty", type=float, default=1.0)
+    a.add_argument("--frequency-penalty", type=float, default=0.5, help="on output tokens only")
     a.add_argument("--precision", choices=["fp32", "int8", "int4"], default=None, help="generator precision")
     a.add_argument("--generator", default=None, help="Hugging Face causal-LM folder (default: SmolLM2-135M)")
     a.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     a.set_defaults(func=cmd_ask)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over an index (needs the 'serve' extra)")
+    sv.add_argument("dir", help="index directory")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", default="rag-engine", help="the model id clients send")
+    sv.add_argument("--mode", choices=["concat", "rag_token", "rag_sequence"], default=None)
+    sv.add_argument("--k", type=int, default=None, help="default passages per request (0 = no retrieval)")
+    sv.add_argument("--precision", choices=["fp32", "int8", "int4"], default=None, help="generator precision")
+    sv.add_argument("--generator", default=None, help="Hugging Face causal-LM folder (default: SmolLM2-135M)")
+    sv.add_argument("--threads", type=int, default=None)
+    sv.add_argument("--max-batch-rows", type=int, default=None, help="rows decoded together")
+    sv.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429")
+    sv.add_argument("--prefix-cache-mb", type=int, default=None, help="document-KV prefix cache bound (0 = off)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.set_defaults(func=cmd_serve)
     be = sub.add_parser("bench", help="run benchmarks/bench_<name>.py (source checkout)")
     be.add_argument("name", help="e.g. topk_ip, engine, generate")
     be.add_argument("args", nargs=argparse.REMAINDER)

@@ -32,6 +32,9 @@ MODES = ("concat", "rag_token", "rag_sequence", "latent")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 ENGINE_FILE = "engine.json"
 FUSION_FILE = "fusion_w_a.npy"
+# Greedy; a frequency penalty (output tokens only) stops small models from looping without
+# penalising words copied from the context, as repetition_penalty would.
+DEFAULT_PARAMS = SamplingParams(max_tokens=128, temperature=0.0, frequency_penalty=0.5)
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,7 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         k = self.config.k if k is None else _check_k(k)
-        params = params or SamplingParams(max_tokens=128, temperature=0.0)
+        params = params or DEFAULT_PARAMS
         metrics: dict[str, float] = {}
         docs = self._context(qs, k, retriever, where, metrics)
         with self.generator_lock:
@@ -334,7 +337,7 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         k = self.config.k if k is None else _check_k(k)
-        params = params or SamplingParams(max_tokens=128, temperature=0.0)
+        params = params or DEFAULT_PARAMS
         docs = self._context(_query_list(query), k, retriever, where, {})
         with self.generator_lock:
             yield from stream_mode(self, mode, query, docs[0], params)
