@@ -92,3 +92,19 @@ def test_prompt_kinds_agree(gen_text):
     by_text, by_ids = gen_text.generate(["brown fox", ids], params)
     assert by_text.token_ids == by_ids.token_ids
     assert gen_text.generate("brown fox", params)[0].token_ids == by_text.token_ids
+
+
+def test_from_pretrained_on_a_user_folder(gen_byte_tokenizer, tmp_path):
+    """Any HF causal-LM folder works: saved model + tokenizer, exported on first use, cached after."""
+    model = tiny_model("gpt2", seed=14, vocab=len(gen_byte_tokenizer))
+    model.generation_config.eos_token_id = gen_byte_tokenizer.eos_token_id
+    folder = tmp_path / "my-gpt2"
+    model.save_pretrained(folder)
+    gen_byte_tokenizer.save_pretrained(folder)
+    cache = tmp_path / "cache"
+    gen = Generator.from_pretrained(folder, precision="int8", cache_dir=cache, progress=False)
+    out = gen.generate(["the lazy dog"], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert 0 < len(out.token_ids) <= 8 and out.metrics.prompt_tokens == len(gen_byte_tokenizer.encode("the lazy dog"))
+    again = Generator.from_pretrained(folder, precision="int8", cache_dir=cache, progress=False)
+    assert again.session.folder == gen.session.folder
+    assert again.generate(["the lazy dog"], SamplingParams(max_tokens=8, temperature=0))[0].token_ids == out.token_ids
