@@ -252,10 +252,11 @@ def _array(op: str, name: str, x: Any, ndim: int, dtypes: tuple = (np.float32,))
     detect non-finite values where they matter and raise naming the position.
     bfloat16 (ml_dtypes or torch) comes back as its uint16 bits.
     """
-    a = as_numpy(x, name, op)
-    if a.dtype == ml_dtypes.bfloat16:
-        a = a.view(np.uint16)
-    if a.dtype not in dtypes:
+    a = x if type(x) is np.ndarray else as_numpy(x, name, op)
+    kind = a.dtype.type  # identity tests on the scalar type: the cheap check on this hot path
+    if kind is ml_dtypes.bfloat16:
+        a, kind = a.view(np.uint16), np.uint16
+    if kind not in dtypes:
         want = " or ".join("bfloat16 (uint16 bits)" if t == np.uint16 else np.dtype(t).name for t in dtypes)
         raise TypeError(f"{op}: {name} must be {want}, got {a.dtype}")
     if a.ndim != ndim:
