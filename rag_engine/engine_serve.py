@@ -90,6 +90,7 @@ def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, re
     gen, metrics = eng.generator, {}
     t0 = time.perf_counter()
     docs = eng._context([query], k, retriever, where, metrics)[0] if k else []
+    handle.documents = _ordered(docs)
 
     def row(prompt: np.ndarray, p: SamplingParams = params):
         r = modes.make_row(gen, prompt, p)

@@ -53,6 +53,7 @@ class RequestHandle:
         self.cancelled = False
         self.on_cancel: Callable[[], None] | None = None
         self.output: object = None
+        self.documents: tuple = ()  # what the request retrieved, known before generation starts
 
     def push(self, delta: str) -> None:
         self._put(("delta", delta))
@@ -66,7 +67,10 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop generating: the request's rows leave the batch at the next step."""
+        if self.cancelled:
+            return
         self.cancelled = True
+        self._put(("done", None))  # wakes a waiting consumer; the result stays None
         if self.on_cancel is not None:
             self.on_cancel()
 
@@ -201,14 +205,14 @@ class Scheduler:
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> RequestHandle:
         cfg = self.config
-        if request.width > cfg.max_batch_rows or request.positions > cfg.max_batch_tokens:
-            raise ValueError(f"request needs {request.width} rows and {request.positions} positions; the batch "
-                             f"holds at most {cfg.max_batch_rows} rows and {cfg.max_batch_tokens} positions")
         for seq in request.seqs:
             longest = max(len(p) for p in seq.prompts)
             if longest + seq.row.params.max_tokens > self.max_len:
                 raise ValueError(f"prompt ({longest} tokens) + max_tokens ({seq.row.params.max_tokens}) exceeds "
                                  f"the context of {self.max_len} tokens")
+        if request.width > cfg.max_batch_rows or request.positions > cfg.max_batch_tokens:
+            raise ValueError(f"request needs {request.width} rows and {request.positions} positions; the batch "
+                             f"holds at most {cfg.max_batch_rows} rows and {cfg.max_batch_tokens} positions")
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")

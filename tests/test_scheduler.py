@@ -53,7 +53,7 @@ def test_joining_and_leaving_rows_match_one_at_a_time(generator):  # noqa: F811
 
 
 def test_cancel_frees_rows_and_bounds_hold(generator):  # noqa: F811
-    sched = Scheduler(generator.session, SchedulerConfig(max_batch_rows=2, max_waiting=1, max_batch_tokens=400))
+    sched = Scheduler(generator.session, SchedulerConfig(max_batch_rows=2, max_waiting=1, max_batch_tokens=200))
     try:
         long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
         h = sched.submit(request(generator, PROMPTS[0], long))
@@ -66,6 +66,8 @@ def test_cancel_frees_rows_and_bounds_hold(generator):  # noqa: F811
         assert sched.stats()["running"] == 0 and sched.stats()["batch_rows"] == 0
         assert sched.stats()["cancelled"] == 1
         with pytest.raises(ValueError, match="positions"):
+            sched.submit(request(generator, PROMPTS[0], SamplingParams(max_tokens=240)))
+        with pytest.raises(ValueError, match="context of 256"):
             sched.submit(request(generator, PROMPTS[0], SamplingParams(max_tokens=500)))
         with sched._wake:  # hold the loop so the queue fills
             sched.submit(request(generator, PROMPTS[1], GREEDY))
