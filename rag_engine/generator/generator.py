@@ -88,8 +88,8 @@ class Generator:
         """
         from transformers import AutoTokenizer
 
+        config = ExportConfig(precision=precision)  # validates before any conversion work
         folder = assets.resolve_model(name_or_path, cache_dir)
-        config = ExportConfig(precision=precision)
 
         def load():
             from transformers import AutoModelForCausalLM

@@ -120,8 +120,10 @@ def run_batch(session: DecoderSession, rows: Sequence[Row],
             n = max(rows[live[i]].params.logprobs for i in want)
             for i, entry in zip(want, top_logprobs(logits[want], tokens[want], n), strict=True):
                 row = rows[live[i]]
-                keep = sorted(entry.items(), key=lambda kv: -kv[1])[: row.params.logprobs]
-                row.logprobs = (row.logprobs or []) + [{int(tokens[i]): entry[int(tokens[i])], **dict(keep)}]
+                top = sorted(entry.items(), key=lambda kv: -kv[1])[: row.params.logprobs]
+                if row.logprobs is None:
+                    row.logprobs = []
+                row.logprobs.append({int(tokens[i]): entry[int(tokens[i])], **dict(top)})
         now = clock()
         events = []
         for i, r in enumerate(live.tolist()):

@@ -2,7 +2,10 @@
 
 A ``[K, N]`` MatMul weight becomes ``packed`` uint8 ``[N, K/block, block*bits/8]`` and fp32
 ``scales`` ``[N, K/block]``; symmetric round-to-nearest with the implicit zero point
-``2**(bits-1)`` that MatMulNBits and GatherBlockQuantized assume when none is given.
+``2**(bits-1)`` that MatMulNBits and GatherBlockQuantized assume when none is given. As in
+MLAS, a block's scale is signed so that its largest-magnitude weight lands exactly on the
+grid's extreme ``-2**(bits-1)``: all ``2**bits`` levels are used (``absmax / (2**(bits-1) - 1)``
+would leave one unused and make every step 8/7 wider at 4 bits).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = 32) -> tuple[np.nd
     wt[:, :k] = w.T
     wt = wt.reshape(n, nb, block)
     qmax = 2 ** (bits - 1) - 1
-    absmax = np.abs(wt).max(axis=2)
-    scales = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    extreme = np.take_along_axis(wt, np.abs(wt).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    scales = np.where(extreme != 0, extreme / -(qmax + 1), 1.0).astype(np.float32)
     q = np.clip(np.rint(wt / scales[:, :, None]), -qmax - 1, qmax).astype(np.int16) + (qmax + 1)
     q = q.astype(np.uint8)
     if bits == 4:
