@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer questions over an index")
     a.add_argument("dir", help="index directory")
     a.add_argument("questions", nargs="+")
-    a.add_argument("--mode", choices=["concat", "rag_token", "rag_sequence"], default=None)
+    a.add_argument("--mode", choices=["concat", "rag_token", "rag_sequence", "latent", "latent_concat"], default=None)
     a.add_argument("--k", type=int, default=None, help="passages to retrieve (0 = no retrieval)")
     a.add_argument("--retriever", choices=["dense", "bm25", "hybrid"], default=None)
     a.add_argument("--max-tokens", type=int, default=96)
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefix-cache-mb", type=int, default=None, help="document-KV prefix cache bound (0 = off)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     sv.set_defaults(func=cmd_serve)
+    from rag_engine.train_cli import add_train_parser
+
+    add_train_parser(sub)
     be = sub.add_parser("bench", help="run benchmarks/bench_<name>.py (source checkout)")
     be.add_argument("name", help="e.g. topk_ip, engine, generate")
     be.add_argument("args", nargs=argparse.REMAINDER)

@@ -28,7 +28,7 @@ from rag_engine.retrieval.persist import open_version
 
 log = logging.getLogger(__name__)
 
-MODES = ("concat", "rag_token", "rag_sequence", "latent")
+MODES = ("concat", "rag_token", "rag_sequence", "latent", "latent_concat")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 ENGINE_FILE = "engine.json"
 FUSION_FILE = "fusion_w_a.npy"
@@ -105,6 +105,8 @@ class Engine:
                  index: PassageIndex, w_a: np.ndarray | None = None) -> None:
         self.config, self.encoder, self._generator, self.index = config, encoder, generator, index
         self.w_a = w_a  # bilinear fusion matrix [D, D]; None = identity (the RAG posterior)
+        self.latent = None  # rag_engine.latent.LatentWeights (P, gate) for mode="latent"; see rag_engine.train
+        self.latent_generator = None  # SoftPromptGenerator (inputs_embeds export), built on first latent use
         self._prefix_cache = self._scheduler = None
         self.generator_lock = threading.RLock()  # one thread at a time runs the generator session
         self.retrieved: Counter[int] = Counter()  # passage id -> times retrieved (prefix-cache warming)
@@ -200,6 +202,8 @@ class Engine:
         extra = {ENGINE_FILE: json.dumps(dataclasses.asdict(self.config), indent=1).encode()}
         if self.w_a is not None:
             extra[FUSION_FILE] = self.w_a
+        if self.latent is not None:
+            extra |= self.latent.files()
         self.index.save(path, extra=extra)
 
     @classmethod
@@ -220,7 +224,11 @@ class Engine:
         if w_a is not None and w_a.shape != (encoder.dim, encoder.dim):
             raise IndexFormatError(f"{path}: fusion W_a has shape {w_a.shape}, expected "
                                    f"({encoder.dim}, {encoder.dim})")
-        return cls(config, encoder, cls._load_generator(config) if load_generator else None, index, w_a)
+        eng = cls(config, encoder, cls._load_generator(config) if load_generator else None, index, w_a)
+        from rag_engine.latent import load_latent
+
+        eng.latent = load_latent(eng, version)  # checked against the encoder (and a loaded generator)
+        return eng
 
     # ------------------------------------------------------------------ documents
     def add_documents(self, texts: Sequence[str], ids: Sequence[str] | None = None,

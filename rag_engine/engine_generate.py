@@ -30,9 +30,10 @@ def _ordered(docs, chosen_first: Sequence[int] | None = None):
 def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, metrics: dict) -> list:
     from rag_engine.engine import RagOutput, output_of
 
-    if mode == "latent":
-        raise NotImplementedError("mode='latent' needs trained fusion weights (rag_engine.train); "
-                                  "use 'concat', 'rag_token' or 'rag_sequence'")
+    if mode in ("latent", "latent_concat"):
+        from rag_engine.latent import run_latent
+
+        return run_latent(eng, mode, qs, docs, params, metrics)
     gen = eng.generator
     t0 = time.perf_counter()
     if mode == "concat" or all(not d for d in docs):
@@ -86,6 +87,11 @@ def _with_logprobs(params: SamplingParams) -> SamplingParams:
 
 
 def stream_mode(eng, mode: str, question: str, docs, params: SamplingParams) -> Iterator[str]:
+    if mode in ("latent", "latent_concat"):
+        from rag_engine.latent import stream_latent
+
+        yield from stream_latent(eng, mode, question, docs, params)
+        return
     if mode == "concat" or not docs:
         yield from eng.generator.stream(_concat_messages(eng, question, docs), params)
         return

@@ -95,6 +95,9 @@ class BilinearFusion(nn.Module):
         self.backend = backend
         self.soft_prompts, self.hidden_size = soft_prompts, hidden_size
         self.P = nn.Linear(dim, soft_prompts * hidden_size, bias=False) if soft_prompts and hidden_size else None
+        # Zero-initialised per-prompt gate: an untrained P yields zero soft prompts, which stay zero
+        # through a bias-free (Llama) decoder and add nothing to the attention values.
+        self.gate = nn.Parameter(torch.zeros(soft_prompts)) if self.P is not None else None
 
     def forward(self, h_in: torch.Tensor, docs: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +123,8 @@ class BilinearFusion(nn.Module):
         return torch.from_numpy(alpha), torch.from_numpy(h_aug)
 
     def project(self, h_aug: torch.Tensor) -> torch.Tensor:
-        """h_aug [B, D] -> soft-prompt embeddings [B, soft_prompts, hidden_size] (latent mode)."""
+        """h_aug [B, D] -> soft-prompt embeddings gate[j] * (P h_aug)[j], [B, soft_prompts, hidden_size]."""
         if self.P is None:
             raise ValueError("BilinearFusion.project: built without soft_prompts and hidden_size")
-        return self.P(h_aug).view(h_aug.shape[0], self.soft_prompts, self.hidden_size)
+        soft = self.P(h_aug).view(h_aug.shape[0], self.soft_prompts, self.hidden_size)
+        return soft * self.gate.to(soft.dtype)[:, None]
