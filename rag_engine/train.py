@@ -215,7 +215,7 @@ def train_latent(lm: FrozenLM, data: TrainData, cfg: TrainConfig, checkpoint_dir
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_norm)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
