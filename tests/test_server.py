@@ -115,6 +115,9 @@ def test_disconnect_mid_stream_frees_the_row(server, monkeypatch):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         next(lines)
+    deadline = time.time() + 5  # the request may still be queued when the client leaves
+    while eng.stats()["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.01)
     wait_idle(eng)
     stats = eng.stats()
     assert stats["running"] == 0 and stats["batch_rows"] == 0 and stats["cancelled"] == before + 1
