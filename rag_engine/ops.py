@@ -374,10 +374,11 @@ def fusion_softmax_gather(
     if on_cuda:
         return gpu_ops.fusion_softmax_gather(name, h_in, corpus, ids, W_a, mask, return_scores)
     c = as_corpus_matrix(corpus, op)
-    i = as_numpy(ids, "ids", op)
+    i = ids if type(ids) is np.ndarray else as_numpy(ids, "ids", op)
     if i.dtype.kind not in "iu" or i.ndim != 2:
         raise TypeError(f"{op}: ids must be an integer [B, K] array, got {i.dtype} of shape {tuple(i.shape)}")
-    i = np.ascontiguousarray(i, np.int64)
+    if i.dtype.type is not np.int64 or not i.flags.c_contiguous:
+        i = np.ascontiguousarray(i, np.int64)
     h, w, m = _fusion_inputs(op, h_in, W_a, mask, i.shape[1])
     if i.shape[0] != h.shape[0] or c.dim != h.shape[1]:
         raise ValueError(f"{op}: need ids [B={h.shape[0]}, K] and corpus [N, D={h.shape[1]}], "
