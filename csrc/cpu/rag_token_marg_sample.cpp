@@ -19,6 +19,20 @@ int64_t first_max(const float* x, int64_t n, float mx) {
   return 0;
 }
 
+// The k-th largest of x (duplicates counted): a min-heap of the k best so far;
+// almost every value loses to the heap's root, so this is one compare per value.
+float kth_largest(const float* x, int64_t n, int64_t k) {
+  std::vector<float> heap(x, x + k);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  for (int64_t t = k; t < n; ++t)
+    if (x[t] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+      heap.back() = x[t];
+      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    }
+  return heap.front();
+}
+
 // top_p on the kept weights: keep tokens (z descending, ties by lower id)
 // while the mass before them is below top_p * Σw. Only tokens with w >= tau are
 // sorted; tau shrinks until those alone reach the nucleus mass (then no token
@@ -57,9 +71,7 @@ int64_t sample_row(const float* lp, int64_t n, const RagTokenSampleArgs& p, doub
   const float zmax = kern.max(z.data(), n);
   kern.exp_shift(z.data(), n, zmax, w.data());
   if (p.top_k > 0 && p.top_k < n) {
-    std::vector<float> tmp(z.begin(), z.begin() + n);
-    std::nth_element(tmp.begin(), tmp.begin() + (p.top_k - 1), tmp.end(), std::greater<float>());
-    const float kth = tmp[static_cast<size_t>(p.top_k - 1)];
+    const float kth = kth_largest(z.data(), n, p.top_k);
     for (int64_t t = 0; t < n; ++t)
       if (z[t] < kth) w[t] = 0.0f;
   }
