@@ -55,7 +55,10 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 3e-3  # P
     lr_w_a: float = 1e-3
-    lr_gate: float = 0.05  # the gate starts at 0 and must reach ~1
+    lr_gate: float = 1e-2
+    # Training starts the gate at 1: exactly-zero soft prompts give NaN gradients through a Llama
+    # decoder, and tiny ones act as attention sinks (measured: higher loss than gate 1 at step 0).
+    gate_init: float = 1.0
     weight_decay: float = 0.01  # P only: decaying W_a would pull it away from the identity prior
     clip_norm: float = 1.0
     checkpoint_every: int = 25
@@ -155,13 +158,14 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarr
 
 
 def new_fusion(lm: FrozenLM, data: TrainData, cfg: TrainConfig) -> BilinearFusion:
-    """W_a = I, gate = 0, P ~ N(0, σ²) with σ set so that P h_aug has the scale of a token embedding."""
+    """W_a = I, gate = cfg.gate_init, P ~ N(0, σ²) with σ such that P h_aug has a token embedding's scale."""
     torch.manual_seed(cfg.seed)
     fusion = BilinearFusion(data.h_in.shape[1], cfg.soft_prompts, lm.hidden_size)
     with torch.no_grad():
         _, h_aug = fusion(data.h_in, data.docs, data.mask)
         scale = float(lm.embed.weight.std()) / max(float(h_aug.norm(dim=1).mean()), 1e-3)
         torch.nn.init.normal_(fusion.P.weight, std=scale)
+        fusion.gate.fill_(cfg.gate_init)
     fusion.W_a.requires_grad_(cfg.train_w_a)
     return fusion
 
