@@ -33,25 +33,6 @@ from eval_qa import build_engine, load_qa  # noqa: E402
 CKPT = ROOT / ".cache" / "latent_eval"
 
 
-def gradcheck_fused_projection() -> bool:
-    import torch
-
-    from rag_engine.fusion import FusionSoftmaxFunction
-
-    g = torch.Generator().manual_seed(0)
-    h, docs = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
-    w = torch.eye(8, dtype=torch.float64) + 0.2 * torch.randn(8, 8, generator=g, dtype=torch.float64)
-    p, gate = torch.randn(8, 2 * 6, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[True, True, False, True]] * 3)
-
-    def soft(h, docs, w, p, gate):
-        _, h_aug = FusionSoftmaxFunction.apply(h, docs, w, mask, None)
-        return (h_aug @ p).view(3, 2, 6) * gate[:, None]
-
-    args = tuple(x.requires_grad_() for x in (h, docs, w, p, gate))
-    return bool(torch.autograd.gradcheck(soft, args, eps=1e-6, atol=1e-6))
-
-
 def soft_of(fusion, data, perm=None):
     import torch
 
@@ -95,7 +76,14 @@ def main() -> None:
     import torch
 
     from rag_engine.latent import LatentWeights, SoftPromptGenerator
-    from rag_engine.train import FrozenLM, TrainConfig, mean_nll, prepare, train_latent
+    from rag_engine.train import (
+        FrozenLM,
+        TrainConfig,
+        gradcheck_soft_prompts,
+        mean_nll,
+        prepare,
+        train_latent,
+    )
     from rag_engine.train_data import corpus_pairs, split_by_document
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +102,7 @@ def main() -> None:
     ap.add_argument("--cost-questions", type=int, default=6)
     ap.add_argument("--cost-repeats", type=int, default=3)
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--repro-steps", type=int, default=3, help="steps (batch 2) of the same-seed check")
     ap.add_argument("--checkpoint-dir", default=str(CKPT))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +110,7 @@ def main() -> None:
                       target_tokens=args.target_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       lr_w_a=args.lr_w_a, checkpoint_every=10)
     result: dict = {"config": dataclasses.asdict(cfg), "concat_k": args.concat_k}
-    print(f"# gradcheck (fused op + projection, float64): {gradcheck_fused_projection()}", flush=True)
+    print(f"# gradcheck (fused op + projection, float64): {gradcheck_soft_prompts()}", flush=True)
     eng = build_engine(128, 32, "fp32")
     lm = FrozenLM.from_pretrained("default")
     pairs = corpus_pairs(eng.index, lm.tokenizer, cfg.max_pairs, cfg.query_tokens, cfg.target_tokens, cfg.seed)
@@ -132,10 +121,10 @@ def main() -> None:
           f"m={cfg.soft_prompts}, k={cfg.k}, {cfg.steps} steps of {cfg.batch_size}", flush=True)
 
     t0 = time.perf_counter()
-    short = dataclasses.replace(cfg, steps=3, batch_size=4)
+    short = dataclasses.replace(cfg, steps=args.repro_steps, batch_size=2)
     curves = [train_latent(lm, tr, short, progress=False)[1] for _ in range(2)]
     result["same_seed_curves"] = {"runs": curves, "identical": curves[0] == curves[1]}
-    print(f"# same seed twice, 3 steps: {curves[0]} vs {curves[1]} -> identical={curves[0] == curves[1]} "
+    print(f"# same seed twice, {args.repro_steps} steps: {curves[0]} vs {curves[1]} -> identical={curves[0] == curves[1]} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     fusions, losses = {}, {}

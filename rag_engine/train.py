@@ -228,6 +228,25 @@ def train_latent(lm: FrozenLM, data: TrainData, cfg: TrainConfig, checkpoint_dir
     return fusion, losses
 
 
+def gradcheck_soft_prompts(seed: int = 0) -> bool:
+    """torch.autograd.gradcheck, in float64, of soft = gate ⊙ P h_aug through the fused op's analytic
+    backward, w.r.t. h_in, docs, W_a, P and the gate (a masked document included)."""
+    from rag_engine.fusion import FusionSoftmaxFunction
+
+    g = torch.Generator().manual_seed(seed)
+    b, k, d, m, hidden = 3, 4, 8, 2, 6
+    args = [torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, k, d, generator=g, dtype=torch.float64),
+            torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64),
+            torch.randn(d, m * hidden, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)]
+    mask = torch.tensor([[True, True, False, True]] * b)
+
+    def soft(h, docs, w, p, gate):
+        _, h_aug = FusionSoftmaxFunction.apply(h, docs, w, mask, None)
+        return (h_aug @ p).view(b, m, hidden) * gate[:, None]
+
+    return bool(torch.autograd.gradcheck(soft, tuple(x.requires_grad_() for x in args), eps=1e-6, atol=1e-6))
+
+
 @torch.no_grad()
 def mean_nll(lm: FrozenLM, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
              soft: torch.Tensor | None = None, batch_size: int = 8, progress: bool = False, desc: str = "nll"

@@ -14,7 +14,7 @@ from test_generator_text import gen_byte_tokenizer  # noqa: E402,F401  (fixture)
 
 from rag_engine import SamplingParams  # noqa: E402
 from rag_engine.engine import Engine  # noqa: E402
-from rag_engine.fusion import BilinearFusion, FusionSoftmaxFunction  # noqa: E402
+from rag_engine.fusion import BilinearFusion  # noqa: E402
 from rag_engine.generator import Generator  # noqa: E402
 from rag_engine.latent import (  # noqa: E402
     LatentWeights,
@@ -23,6 +23,7 @@ from rag_engine.latent import (  # noqa: E402
     embedding_fingerprint,
     prompt_ids,
 )
+from rag_engine.train import gradcheck_soft_prompts  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -89,20 +90,8 @@ def test_zero_gate_gives_zero_soft_prompts_and_project_matches_module():
 
 
 def test_gradcheck_fusion_and_projection_float64():
-    """d loss / d (h_in, docs, W_a, P, gate) through the fused op and the projection."""
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    docs = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    w = (torch.eye(6, dtype=torch.float64) + 0.2 * torch.randn(6, 6, generator=g, dtype=torch.float64)).requires_grad_()
-    p = torch.randn(6, 3 * 5, generator=g, dtype=torch.float64, requires_grad=True)
-    gate = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    mask = torch.tensor([[True, True, False, True], [True, True, True, True]])
-
-    def soft(h, docs, w, p, gate):
-        _, h_aug = FusionSoftmaxFunction.apply(h, docs, w, mask, None)
-        return (h_aug @ p).view(2, 3, 5) * gate[:, None]
-
-    assert torch.autograd.gradcheck(soft, (h, docs, w, p, gate), eps=1e-6, atol=1e-6)
+    """d soft / d (h_in, docs, W_a, P, gate) through the fused op and the projection."""
+    assert gradcheck_soft_prompts()
 
 
 def test_prompt_formats(gen_byte_tokenizer):  # noqa: F811
