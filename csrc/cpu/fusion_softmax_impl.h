@@ -126,8 +126,12 @@ inline void dot_block(const float* u, const Slot<T>* slot, int64_t d, const Slot
   for (int i = 0; i < N; ++i) s[i] = S::hsum(S::add(a0[i], a1[i])) * slot[i].scale;
 }
 
-// acc = corr * acc + Σ_i c[i] x_i (kScale) or acc += Σ_i c[i] x_i; the x_i come from L1.
-template <class S, int N, bool kScale, class T>
+// How a block updates the accumulator: the first block of a row writes it
+// (no zero-fill pass), later ones add, rescaling first when the max grew.
+enum AccMode : int { kAccInit = 0, kAccAdd = 1, kAccScale = 2 };
+
+// acc = [corr * acc +] Σ_i c[i] x_i per kMode; the x_i come from L1.
+template <class S, int N, int kMode, class T>
 inline void axpy_block(float* __restrict acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
   using V = typename S::V;
   constexpr int W = S::W;
@@ -138,19 +142,15 @@ inline void axpy_block(float* __restrict acc, float corr, const float* c, const 
     cv[i] = S::set1(c[i]);
   }
   const V corr_v = S::set1(corr);
-  int64_t j = 0;
-  for (; j + W <= d; j += W) {
-    V v = S::load(acc + j);
-    if (kScale) v = S::mul(v, corr_v);
-    for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load(x[i] + j), v);
-    S::store(acc + j, v);
-  }
-  if (j < d) {
-    const int64_t n = d - j;
-    V v = S::load_n(acc + j, n);
-    if (kScale) v = S::mul(v, corr_v);
-    for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_n(x[i] + j, n), v);
-    S::store_n(acc + j, v, n);
+  for (int64_t j = 0; j < d; j += W) {
+    const int64_t n = d - j < W ? d - j : W;
+    const bool full = n == W;
+    V v = S::zero();
+    if (kMode != kAccInit) v = full ? S::load(acc + j) : S::load_n(acc + j, n);
+    if (kMode == kAccScale) v = S::mul(v, corr_v);
+    for (int i = 0; i < N; ++i) v = S::fma(cv[i], full ? S::load(x[i] + j) : S::load_n(x[i] + j, n), v);
+    if (full) S::store(acc + j, v);
+    else S::store_n(acc + j, v, n);
   }
 }
 
@@ -164,11 +164,11 @@ inline void block_step(int n, const float* u, const Slot<T>* slot, int64_t d, co
   }
 }
 
-template <class S, bool kScale, class T, int M>
+template <class S, int kMode, class T, int M>
 inline void block_accumulate(int n, float* acc, float corr, const float* c, const Slot<T>* slot, int64_t d) {
   if constexpr (M > 0) {
-    if (n == M) axpy_block<S, M, kScale>(acc, corr, c, slot, d);
-    else block_accumulate<S, kScale, T, M - 1>(n, acc, corr, c, slot, d);
+    if (n == M) axpy_block<S, M, kMode>(acc, corr, c, slot, d);
+    else block_accumulate<S, kMode, T, M - 1>(n, acc, corr, c, slot, d);
   }
 }
 
@@ -223,11 +223,12 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
     const float* u = u_all + b * d;
     float* alpha = a.alpha + b * k;
     float* h = a.h_aug + b * d;
-    for (int64_t j = 0; j < d; ++j) h[j] = 0.0f;
     float m = kNegInf, l = 0.0f;
-    const int64_t end = first[static_cast<size_t>(b - b0 + 1)];
+    const int64_t begin = first[static_cast<size_t>(b - b0)], end = first[static_cast<size_t>(b - b0 + 1)];
+    if (begin == end)
+      for (int64_t j = 0; j < d; ++j) h[j] = 0.0f;  // every slot masked: h_aug = 0
     constexpr int kB = S::kDocBlock;
-    for (int64_t p = first[static_cast<size_t>(b - b0)]; p < end; p += kB) {
+    for (int64_t p = begin; p < end; p += kB) {
       const int n = static_cast<int>(end - p < kB ? end - p : kB);
       const int64_t q = p + kLookahead * kB;
       const int nahead = a.ids == nullptr || q >= nslots ? 0 : static_cast<int>(nslots - q < kB ? nslots - q : kB);
@@ -244,22 +245,21 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
       for (int i = 0; i < n; ++i) c[i] = s[i];
       exp_shifted<S>(c, n, m);
       l *= corr;
-      for (int i = 0; i < n; ++i) {
-        l += c[i];
-        c[i] *= slots[static_cast<size_t>(p + i)].scale;
-      }
-      if (corr != 1.0f) block_accumulate<S, true, T, kB>(n, h, corr, c, slots.data() + p, d);
-      else block_accumulate<S, false, T, kB>(n, h, corr, c, slots.data() + p, d);
+      for (int i = 0; i < n; ++i) l += c[i];
+      // The last block also applies the final 1/l, folded into its coefficients.
+      const float post = p + kB >= end ? 1.0f / l : 1.0f;
+      for (int i = 0; i < n; ++i) c[i] *= slots[static_cast<size_t>(p + i)].scale * post;
+      const float corr_post = corr * post;
+      if (p == begin) block_accumulate<S, kAccInit, T, kB>(n, h, corr_post, c, slots.data() + p, d);
+      else if (corr_post != 1.0f) block_accumulate<S, kAccScale, T, kB>(n, h, corr_post, c, slots.data() + p, d);
+      else block_accumulate<S, kAccAdd, T, kB>(n, h, corr_post, c, slots.data() + p, d);
     }
     float* scores = a.scores != nullptr ? a.scores + b * k : nullptr;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: every slot masked -> zeros
     if (scores != nullptr)
       for (int64_t j = 0; j < k; ++j) scores[j] = alpha[j];
     exp_shifted<S>(alpha, k, m == kNegInf ? 0.0f : m);  // masked: exp(-inf) = 0
-    if (l > 0.0f) {
-      scale_row<S>(alpha, inv, k);
-      scale_row<S>(h, inv, d);
-    }
+    if (l > 0.0f) scale_row<S>(alpha, inv, k);
   }
   return -1;
 }
