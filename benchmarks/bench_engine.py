@@ -100,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     qs = [item["question"] for item in load_qa(args.questions)]
-    base = build_engine(128, 32, "fp32")
+    base = build_engine(256, 64, "fp32")
     base.config = dataclasses.replace(base.config, threads=args.threads, retriever="dense",
                                       max_passages_per_doc=0)
     naive = NaivePipeline(base, args.threads)

@@ -75,8 +75,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retrieval-only", action="store_true")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--passage-tokens", type=int, default=128)
-    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--passage-tokens", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--answer-configs", default="none,concat1,concat2,rag_token2",

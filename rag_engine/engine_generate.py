@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -14,16 +15,22 @@ from rag_engine.generator import SamplingParams
 # Imported by Engine.generate / Engine.stream only (keeps engine.py small).
 
 
-def _concat_messages(eng, question: str, docs) -> list[dict]:
+def _concat_prompt(eng, question: str, docs) -> tuple[list[dict], tuple]:
+    """(chat messages, documents by alpha with in_prompt set) for concat mode."""
     tok = eng.generator.tokenizer
-    order = sorted(range(len(docs)), key=lambda i: -docs[i].alpha)
-    texts = [d.text for d in docs]
-    chosen = prompts.prune_to_budget(texts, order, lambda t: len(tok.encode(t, add_special_tokens=False)),
+    ordered = _ordered(docs)
+    texts = [d.text for d in ordered]
+    chosen = prompts.prune_to_budget(texts, range(len(texts)), lambda t: len(tok.encode(t, add_special_tokens=False)),
                                      eng.config.context_tokens)
-    return prompts.concat_messages(question, [texts[i] for i in chosen], eng.config.system_prompt)
+    marked = tuple(dataclasses.replace(d, in_prompt=i in chosen) for i, d in enumerate(ordered))
+    return prompts.concat_messages(question, [texts[i] for i in chosen], eng.config.system_prompt), marked
 
 
-def _ordered(docs, chosen_first: Sequence[int] | None = None):
+def _concat_messages(eng, question: str, docs) -> list[dict]:
+    return _concat_prompt(eng, question, docs)[0]
+
+
+def _ordered(docs):
     return tuple(sorted(docs, key=lambda d: -d.alpha))
 
 
@@ -37,8 +44,9 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
     gen = eng.generator
     t0 = time.perf_counter()
     if mode == "concat" or all(not d for d in docs):
-        outs = gen.generate([_concat_messages(eng, q, d) for q, d in zip(qs, docs)], params)
-        return [output_of(o, _ordered(d), metrics) for o, d in zip(outs, docs)]
+        built = [_concat_prompt(eng, q, d) for q, d in zip(qs, docs)]
+        outs = gen.generate([msgs for msgs, _ in built], params)
+        return [output_of(o, marked, metrics) for o, (_, marked) in zip(outs, built)]
     k = max(len(d) for d in docs)
     doc_msgs = [[prompts.concat_messages(q, [d[i].text if i < len(d) else ""], eng.config.system_prompt)
                  if i < len(d) else prompts.concat_messages(q, []) for i in range(k)] for q, d in zip(qs, docs)]

@@ -151,7 +151,7 @@ def test_bad_queries(engine):
         engine.generate("x", GREEDY, mode="nope")
     with pytest.raises(TypeError, match="must be str"):
         engine.retrieve([3])
-    with pytest.raises(NotImplementedError, match="latent"):
+    with pytest.raises(ValueError, match="latent.*needs trained latent weights"):
         engine.generate("x", GREEDY, mode="latent")
 
 
