@@ -52,6 +52,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int, rounds: 
     return out
 
 
+def ratios(times: dict[str, dict]) -> dict[str, float]:
+    """torch / ours on medians and on each contender's best call."""
+    return {"speedup": times["torch"]["median"] / times["ours"]["median"],
+            "speedup_min": times["torch"]["min"] / times["ours"]["min"]}
+
+
+def print_markdown(header: list[str], lines: list[list[str]]) -> None:
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def gemm_gflops(threads: int) -> float:
     import torch
 
@@ -135,21 +148,18 @@ def main() -> None:
         nbytes = doc_bytes + h.nbytes + (0 if w is None else w.nbytes)
         flops = 4 * b * k * D + (2 * b * D * D if w is not None else 0)
         t_ours = times["ours"]["median"]
-        row = {"b": b, "k": k, "d": D, "w": wkind, "kind": kind, "times_s": times,
-               "speedup": times["torch"]["median"] / t_ours, "speedup_min": times["torch"]["min"] / times["ours"]["min"], "gbs": nbytes / t_ours / 1e9,
-               "gflops": flops / t_ours / 1e9}
+        row = {"b": b, "k": k, "d": D, "w": wkind, "kind": kind, "times_s": times, **ratios(times),
+               "gbs": nbytes / t_ours / 1e9, "gflops": flops / t_ours / 1e9}
         row["bw_frac"] = row["gbs"] / bw["best_gbs"]
         rows.append(row)
         print(f"B={b:>2} K={k:>3} W={wkind:<5} {kind:<6} | ours {fmt_us(times['ours'])} us {row['gbs']:.1f} GB/s "
               f"({100 * row['bw_frac']:.0f}% bw) {row['gflops']:.0f} GFLOP/s | torch {fmt_us(times['torch'])} us "
               f"| speedup {row['speedup']:.2f}x (best-of {row['speedup_min']:.2f}x)", flush=True)
 
-    print("\n| B | K | W_a | docs | ours us | torch us | speedup | GB/s | % of bw | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        t = r["times_s"]
-        print(f"| {r['b']} | {r['k']} | {r['w']} | {r['kind']} | {fmt_us(t['ours'])} | {fmt_us(t['torch'])} "
-              f"| {r['speedup']:.2f}x | {r['gbs']:.1f} | {100 * r['bw_frac']:.0f}% | {r['gflops']:.0f} |")
+    print_markdown(["B", "K", "W_a", "docs", "ours us", "torch us", "speedup", "GB/s", "% of bw", "GFLOP/s"],
+                   [[str(r["b"]), str(r["k"]), r["w"], r["kind"], fmt_us(r["times_s"]["ours"]),
+                     fmt_us(r["times_s"]["torch"]), f"{r['speedup']:.2f}x", f"{r['gbs']:.1f}",
+                     f"{100 * r['bw_frac']:.0f}%", f"{r['gflops']:.0f}"] for r in rows])
     print(f"\nMust-show (B=32, K=16, D=768, >= {BAR}x torch):")
     for r in rows:
         if r["b"] == 32 and r["k"] == 16 and r["kind"] in ("fp32", "gather"):

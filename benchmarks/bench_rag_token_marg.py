@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fusion_softmax import time_interleaved  # noqa: E402
+from bench_fusion_softmax import print_markdown, ratios, time_interleaved  # noqa: E402
 from common import clean_blas_env, fmt_ms, memory_bandwidth_gbs, set_threads, write_json  # noqa: E402
 
 BAR = 8.0  # Must-show: >= 8x torch at B=8, K=5, V in {49152, 151936}
@@ -68,8 +68,7 @@ def main() -> None:
             ours_fn = lambda la=log_alpha, x=logits: ops.rag_token_marg(la, x, threads=T)  # noqa: E731
         times = time_interleaved({"ours": ours_fn,
                                   "torch": lambda a=la_t, x=lg_t: reference.rag_token_marg_torch(a, x)}, rep)
-        row = {"b": b, "k": k, "v": v, "kind": kind, "times_s": times,
-               "speedup": times["torch"]["median"] / times["ours"]["median"], "speedup_min": times["torch"]["min"] / times["ours"]["min"],
+        row = {"b": b, "k": k, "v": v, "kind": kind, "times_s": times, **ratios(times),
                "gbs": logits.nbytes / times["ours"]["median"] / 1e9,
                "torch_gbs": logits.nbytes / times["torch"]["median"] / 1e9}
         row["bw_frac"] = row["gbs"] / bw["best_gbs"]
@@ -78,12 +77,10 @@ def main() -> None:
               f"({100 * row['bw_frac']:.0f}% bw) | torch {fmt_ms(times['torch'])} ms {row['torch_gbs']:.2f} GB/s "
               f"| speedup {row['speedup']:.1f}x (best-of {row['speedup_min']:.1f}x)", flush=True)
 
-    print("\n| B | K | V | op | ours ms | torch ms | speedup | GB/s (logits) | % of bw | torch GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        t = r["times_s"]
-        print(f"| {r['b']} | {r['k']} | {r['v']} | {r['kind']} | {fmt_ms(t['ours'])} | {fmt_ms(t['torch'])} "
-              f"| {r['speedup']:.1f}x | {r['gbs']:.1f} | {100 * r['bw_frac']:.0f}% | {r['torch_gbs']:.2f} |")
+    print_markdown(["B", "K", "V", "op", "ours ms", "torch ms", "speedup", "GB/s (logits)", "% of bw", "torch GB/s"],
+                   [[str(r["b"]), str(r["k"]), str(r["v"]), r["kind"], fmt_ms(r["times_s"]["ours"]),
+                     fmt_ms(r["times_s"]["torch"]), f"{r['speedup']:.1f}x", f"{r['gbs']:.1f}",
+                     f"{100 * r['bw_frac']:.0f}%", f"{r['torch_gbs']:.2f}"] for r in rows])
     print(f"\nMust-show (B=8, K=5, >= {BAR}x torch):")
     for r in rows:
         if r["b"] == 8 and r["k"] == 5 and r["kind"] == "marg":
