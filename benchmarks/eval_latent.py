@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--query-tokens", type=int, default=24)
     ap.add_argument("--target-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--lr-w-a", type=float, default=2e-3)
+    ap.add_argument("--lr-w-a", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cost-questions", type=int, default=6)
     ap.add_argument("--cost-repeats", type=int, default=3)

@@ -54,7 +54,9 @@ class TrainConfig:
     steps: int = 150
     batch_size: int = 8
     lr: float = 3e-3  # P
-    lr_w_a: float = 1e-3
+    # W_a: unit-norm vectors give logits h W d; an Adam step moves every entry by ~lr, i.e. logits
+    # by up to ~lr * dim, so W_a needs a far smaller rate than P (measured: 2e-3 hurt held-out NLL).
+    lr_w_a: float = 1e-4
     lr_gate: float = 1e-2
     # Training starts the gate at 1: exactly-zero soft prompts give NaN gradients through a Llama
     # decoder, and tiny ones act as attention sinks (measured: higher loss than gate 1 at step 0).
@@ -186,21 +188,31 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
 
 
+def _run_meta(cfg: TrainConfig, data: TrainData, lm: FrozenLM) -> dict:
+    """What a checkpoint must match to be resumed: the run minus its length (a finished run can be
+    extended: the batch order is prefix-stable) and minus W_a's rate when W_a is frozen."""
+    config = dataclasses.asdict(cfg) | {"steps": None}
+    if not cfg.train_w_a:
+        config["lr_w_a"] = None
+    return {"config": config, "data": data.key(), "generator": lm.fingerprint}
+
+
 def train_latent(lm: FrozenLM, data: TrainData, cfg: TrainConfig, checkpoint_dir: str | Path | None = None,
                  progress: bool = True) -> tuple[BilinearFusion, list[float]]:
     """Fit W_a (if cfg.train_w_a), P and the gate; returns the fusion module and the loss per step.
 
     With ``checkpoint_dir`` the state is saved every cfg.checkpoint_every steps and at the end,
-    and a run finds and resumes its checkpoint (same config and data, else ValueError)."""
+    and a run finds and resumes its checkpoint (same config and data, else ValueError); a larger
+    cfg.steps extends a finished run."""
     fusion = new_fusion(lm, data, cfg)
     opt = _optimizer(fusion, cfg)
     order = batch_order(len(data.pairs), cfg.steps, cfg.batch_size, cfg.seed)
-    meta = {"config": dataclasses.asdict(cfg), "data": data.key(), "generator": lm.fingerprint}
+    meta = _run_meta(cfg, data, lm)
     losses: list[float] = []
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["meta"] != meta:
+        if state["meta"] != meta or len(state["losses"]) > cfg.steps:
             raise ValueError(f"{ckpt} was written for another run (config, data or generator differ): expected "
                              f"{meta}, got {state['meta']}; use another checkpoint directory")
         fusion.load_state_dict(state["fusion"])

@@ -91,6 +91,9 @@ def test_same_seed_same_loss_curve_and_resume_after_kill(lm, data, tmp_path, mon
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="written for another run"):
         train_latent(lm, data, dataclasses.replace(CFG, seed=1), tmp_path, progress=False)
+    # A finished shorter run is extended, on the same curve (the batch order is prefix-stable).
+    train_latent(lm, data, dataclasses.replace(CFG, steps=2), tmp_path / "ext", progress=False)
+    assert train_latent(lm, data, CFG, tmp_path / "ext", progress=False)[1] == losses
 
 
 def test_training_lowers_the_loss_and_identity_w_a_stays(lm, data):
