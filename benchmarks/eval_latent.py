@@ -157,8 +157,11 @@ def main() -> None:
         print(f"| {name} | {positions:.0f} | {nll:.4f} | {100 * (nll - base) / base:+.1f}% |", flush=True)
     d, a = result["nll"]["(d) latent, trained W_a and P"]["nll"], result["nll"]["(a) no retrieval"]["nll"]
     c = result["nll"]["(c) latent, W_a = I, trained P"]["nll"]
+    f = result["nll"]["(f) control: (d) with another query's documents"]["nll"]
     result["bars"] = {"latent_d_vs_a_reduction": (a - d) / a, "d_at_least_5pct_below_a": (a - d) / a >= 0.05,
-                      "trained_w_a_at_least_identity": d <= c}
+                      "trained_w_a_at_least_identity": d <= c, "right_documents_help": d < f}
+    print(f"# the retrieved documents {'help' if d < f else 'do not help'} the soft prompts: (d) {d:.4f} vs "
+          f"(f) {f:.4f} with another query's documents", flush=True)
     print(f"\n# (d) vs (a): {100 * (a - d) / a:.1f}% lower (bar: >= 5%); trained W_a {'<=' if d <= c else '>'} "
           f"identity: {d:.4f} vs {c:.4f}", flush=True)
 
