@@ -88,12 +88,13 @@ def _mask_inputs(g: _Graph, embeds: bool) -> tuple[str, str, str]:
     zero = g.init("const_zero", np.array(0, np.int64))
     axis1 = g.const(1)
     lengths = g.one("ReduceSum", ["attention_mask", axis1], keepdims=0)
-    seqlens = g.one("Cast", [g.one("Sub", [lengths, one])], to=TensorProto.INT32)
+    len_minus_1 = g.one("Sub", [lengths, one])
+    seqlens = g.one("Cast", [len_minus_1], to=TensorProto.INT32)
     total64 = g.one("Gather", [g.one("Shape", ["attention_mask"]), one], axis=0)
     total = g.one("Cast", [total64], to=TensorProto.INT32)
     step = g.one("Gather", [g.one("Shape", ["inputs_embeds" if embeds else "input_ids"]), one], axis=0)
     # last valid row index inside this call: len - 1 - (T - S), clamped at 0 for ragged decode rows
-    last = g.one("Sub", [g.one("Sub", [lengths, one]), g.one("Sub", [total64, step])])
+    last = g.one("Sub", [len_minus_1, g.one("Sub", [total64, step])])
     last = g.one("Max", [last, zero])
     return seqlens, total, last
 
@@ -195,16 +196,9 @@ def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool
         pending_bias = g.init(p + "down_b", w[p + "down_b"]) if p + "down_b" in w else None
         nxt = f"layers.{i + 1}.ln1" if i + 1 < spec.num_layers else "norm"
         h, residual = _norm(g, spec, w, m, nxt, residual, pending_bias)
-    if not all_logits:
-        idx = g.one("Unsqueeze", [last, g.const(1, 2)])
-        shape = g.one("Shape", [h])
-        sizes = g.one("Concat", [g.one("Slice", [shape, g.const(0),
-                                                 g.const(1)]),
-                                 g.const(1),
-                                 g.one("Slice", [shape, g.const(2),
-                                                 g.const(3)])], axis=0)
-        h = g.one("GatherElements", [h, g.one("Expand", [idx, sizes])], axis=1)
-    _lm_head(g, spec, w, h, tied and not inputs_embeds)
+    if not all_logits:  # each row's last valid hidden state: [B, S, H] -> [B, H]
+        h = g.one("GatherND", [h, g.one("Unsqueeze", [last, g.const(1)])], batch_dims=1)
+    _lm_head(g, spec, w, h, tied and not inputs_embeds, flat=not all_logits)
     return _model(g, spec, inputs_embeds)
 
 
@@ -227,8 +221,11 @@ def _embed(g: _Graph, spec: DecoderSpec, w: dict, tied: bool) -> str:
                  block_size=g.block, gather_axis=0, quantize_axis=1)
 
 
-def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool) -> None:
-    """logits = h @ lm_head, reusing the embedding table when the weights are tied."""
+def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool, flat: bool) -> None:
+    """logits = h @ lm_head, reusing the embedding table when the weights are tied.
+
+    ``flat``: h is ``[B, H]`` (last tokens) and logits come out ``[B, 1, V]``; else ``[B, S, *]``.
+    """
     if g.bits is not None:
         if "lm_head" in g.quantized:
             k, n = w["lm_head"].shape
@@ -238,16 +235,17 @@ def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool) -> None:
             out = g.matmul(h, w, "lm_head")
     elif tied:
         # Gemm(transB=1) reads the [V, hidden] embedding table directly: no transposed copy.
-        flat = g.one("Reshape", [h, g.const(-1, spec.hidden_size)])
-        out = g.one("Gemm", [flat, "embed"], transB=1)
-        lead = g.one("Slice", [g.one("Shape", [h]), g.const(0),
-                               g.const(2)])
-        vocab = g.const(spec.vocab_size)
-        out = g.one("Reshape", [out, g.one("Concat", [lead, vocab], axis=0)])
+        if flat:
+            out = g.one("Gemm", [h, "embed"], transB=1)
+        else:
+            lead = g.one("Slice", [g.one("Shape", [h]), g.const(0), g.const(2)])
+            out = g.one("Gemm", [g.one("Reshape", [h, g.const(-1, spec.hidden_size)]), "embed"], transB=1)
+            out = g.one("Reshape", [out, g.one("Concat", [lead, g.const(spec.vocab_size)], axis=0)])
     else:
         out = g.one("MatMul", [h, g.init("lm_head", w["lm_head"])])
+    if flat:
+        out = g.one("Unsqueeze", [out, g.const(1)])
     g.nodes[-1].output[0] = "logits"
-    del out
 
 
 def _model(g: _Graph, spec: DecoderSpec, inputs_embeds: bool) -> onnx.ModelProto:
