@@ -52,8 +52,8 @@ int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, in
 int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, int64_t nchunks,
                  float* pm, float* ps, float* c) {
   const size_t base = static_cast<size_t>(b * a.k * nchunks);
-  for (int64_t i = 0; i < a.k; ++i)
-    for (int64_t ch = 0; ch < nchunks; ++ch) {
+  for (int64_t ch = 0; ch < nchunks; ++ch)
+    for (int64_t i = 0; i < a.k; ++i) {
       const int64_t v0 = ch * kChunk;
       const size_t slot = base + static_cast<size_t>(i * nchunks + ch);
       kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
@@ -61,7 +61,8 @@ int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, 
     }
   const int64_t bad = doc_offsets(a.log_alpha + b * a.k, pm + base, ps + base, a.k, nchunks, c);
   if (bad >= 0) return bad;
-  for (int64_t ch = 0; ch < nchunks; ++ch) {
+  // Pass 2 walks the chunks backwards: the last ones read by pass 1 are still in L2.
+  for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
     const int64_t v0 = ch * kChunk;
     kern.combine(a.logits + b * a.k * a.v + v0, a.v, c, a.k, std::min(kChunk, a.v - v0), a.inv_temperature,
                  a.out + b * a.v + v0);
@@ -125,7 +126,7 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
       }
 #pragma omp barrier
       int64_t have = -1;  // row whose offsets are in c
-      for (int64_t it = it0; it < it1; ++it) {
+      for (int64_t it = it1 - 1; it >= it0; --it) {  // backwards: the latest chunks are in L2
         const int64_t b = g0 + it / nchunks, ch = it % nchunks;
         if (b != have) {
           const size_t base = static_cast<size_t>(b * a.k * nchunks);
