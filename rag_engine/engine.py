@@ -23,7 +23,7 @@ from rag_engine.generator import GenerationOutput, Generator, SamplingParams
 from rag_engine.retrieval import hybrid
 from rag_engine.retrieval.chunking import ChunkConfig, chunk_spans
 from rag_engine.retrieval.encoder import Encoder, EncoderConfig
-from rag_engine.retrieval.index import Hit, PassageIndex
+from rag_engine.retrieval.index import DENSE_BACKENDS, Hit, PassageIndex
 from rag_engine.retrieval.persist import open_version
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class EngineConfig:
     k: int = 4
     mode: str = "concat"
     retriever: str = "hybrid"
+    # Dense search: "topk_ip" (exact fused kernel) or faiss "faiss_flat" / "faiss_hnsw" / "faiss_ivf".
+    dense_backend: str = "topk_ip"
     hybrid_fusion: str = "weighted"
     hybrid_dense_weight: float = 0.7
     max_passages_per_doc: int = 1  # diversity: passages of one document in a top-k (0 = no limit)
@@ -70,6 +72,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("retriever", self.retriever, RETRIEVERS),
+                                     ("dense_backend", self.dense_backend, DENSE_BACKENDS),
                                      ("index_dtype", self.index_dtype, STORAGE_DTYPES),
                                      ("hybrid_fusion", self.hybrid_fusion, hybrid.FUSIONS)):
             if value not in allowed:
@@ -274,6 +277,8 @@ class Engine:
                       where: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if retriever not in RETRIEVERS:
             raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}")
+        if self.index.dense_backend != self.config.dense_backend:
+            self.index.set_dense_backend(self.config.dense_backend)
         per_doc = self.config.max_passages_per_doc
         # Candidates before fusion / collapsing by document.
         depth = k if retriever != "hybrid" and not per_doc else max(4 * k, 40)

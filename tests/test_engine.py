@@ -219,3 +219,22 @@ def test_failed_save_keeps_previous_index(engine, encoder, generator, cache_dir,
     eng.save(root)  # a later save succeeds and replaces the leftovers
     assert Engine.load(root, load_generator=False).index.num_documents == len(DOCS) + 1
     assert len(list(root.glob("v*"))) == 1
+
+
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_hnsw", "faiss_ivf"])
+def test_faiss_dense_backends(engine, backend):
+    pytest.importorskip("faiss")
+    exact = Engine(dataclasses.replace(engine.config, max_passages_per_doc=0), engine.encoder,
+                   engine.generator, engine.index)
+    approx = Engine(dataclasses.replace(engine.config, max_passages_per_doc=0, dense_backend=backend),
+                    engine.encoder, engine.generator, engine.index)
+    qs = ["How do I get the index while looping?", "missing dictionary key"]
+    a = exact.retrieve(qs, k=3, retriever="dense")
+    b = approx.retrieve(qs, k=3, retriever="dense")
+    assert [h.passage_id for h in b[0]][:1] == [h.passage_id for h in a[0]][:1]
+    if backend == "faiss_flat":  # exact: same ids and scores
+        assert [[h.passage_id for h in r] for r in a] == [[h.passage_id for h in r] for r in b]
+        np.testing.assert_allclose([h.score for h in a[0]], [h.score for h in b[0]], rtol=1e-5)
+    filtered = approx.retrieve(qs[0], k=10, retriever="dense", where={"topic": "dicts"})[0]
+    assert filtered and {h.doc_id for h in filtered} == {"dicts"}
+    engine.index.set_dense_backend("topk_ip")

@@ -27,6 +27,8 @@ from rag_engine.retrieval.bm25 import BM25Index
 
 log = logging.getLogger(__name__)
 
+DENSE_BACKENDS = ("topk_ip", "faiss_flat", "faiss_hnsw", "faiss_ivf")
+
 
 @dataclass(frozen=True)
 class Passage:
@@ -93,6 +95,14 @@ class PassageIndex:
         self._vectors = _Vectors(dim, dtype)
         self._by_doc: dict[str, list[int]] = {}
         self._bm25: BM25Index | None = None
+        # "topk_ip" (exact, the fused kernel) or "faiss_flat" / "faiss_hnsw" / "faiss_ivf".
+        self.dense_backend = "topk_ip"
+        self._faiss = None
+
+    def set_dense_backend(self, name: str) -> None:
+        if name not in DENSE_BACKENDS:
+            raise ValueError(f"dense backend must be one of {DENSE_BACKENDS}, got {name!r}")
+        self.dense_backend, self._faiss = name, None
 
     # ------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -127,7 +137,7 @@ class PassageIndex:
         for j, ((a, b), t) in enumerate(zip(spans, texts)):
             self._passages.append(Passage(first + j, doc_id, t, a, b, meta))
         self._by_doc[doc_id] = list(range(first, first + len(texts)))
-        self._bm25 = None
+        self._bm25 = self._faiss = None
         return self._by_doc[doc_id]
 
     def delete(self, doc_ids: Sequence[str]) -> int:
@@ -158,7 +168,14 @@ class PassageIndex:
         allow = self.allow_mask(where)
         if self._vectors.n == 0 or (allow is not None and not allow.any()):
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        s, i = ops.topk_ip(qvecs, self._vectors.matrix(), k, ids_filter=allow, threads=threads)
+        if self.dense_backend != "topk_ip":
+            if self._faiss is None:
+                from rag_engine.retrieval.faiss_backend import FaissIndex
+
+                self._faiss = FaissIndex(self._vectors.matrix().to_float(), self.dense_backend.split("_", 1)[1])
+            s, i = self._faiss.search(qvecs, min(k, self._vectors.n), allow)
+        else:
+            s, i = ops.topk_ip(qvecs, self._vectors.matrix(), k, ids_filter=allow, threads=threads)
         if s.shape[1] < k:  # k > N: pad to the asked width
             pad = k - s.shape[1]
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
@@ -247,7 +264,7 @@ class PassageIndex:
         for p in compact:
             self._by_doc.setdefault(p.doc_id, []).append(p.passage_id)
         self._vectors = _Vectors.from_arrays(data, self.dtype, scales)
-        self._bm25 = None
+        self._bm25 = self._faiss = None
 
     @classmethod
     def load(cls, path: str | Path, encoder_name: str | None = None, verify: bool = True) -> PassageIndex:
