@@ -11,6 +11,9 @@ _LAZY = {
     "SamplingParams": "rag_engine.generator",
     "Generator": "rag_engine.generator",
     "GenerationOutput": "rag_engine.generator",
+    "Engine": "rag_engine.engine",
+    "EngineConfig": "rag_engine.engine",
+    "RagOutput": "rag_engine.engine",
 }
 
 
