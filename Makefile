@@ -53,8 +53,12 @@ test: install cuda-check
 test-all: install cuda-check
 	$(PY) -m pytest -m "not gpu"
 
+# CPU benchmarks (each validates against the reference first and writes bench_results/*.json);
+# GPU ones run through scripts/gpu_check.sh.
+CPU_BENCHES ?= topk_ip fusion_softmax rag_token_marg generate engine prefix_cache
 bench: install
-	for b in benchmarks/bench_*.py; do $(BENCH_ENV) $(PY) $$b || exit 1; done
+	for b in $(CPU_BENCHES); do $(BENCH_ENV) $(PY) benchmarks/bench_$$b.py || exit 1; done
+	$(BENCH_ENV) $(PY) benchmarks/eval_qa.py
 
 lint: install
 	$(PY) -m ruff check rag_engine kernels benchmarks tests scripts
