@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rag_engine.checksum import update_from_file
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -42,9 +44,7 @@ def hash_files(folder: Path, patterns: tuple[str, ...] = ("*",)) -> str:
     files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
     for path in files:
         digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                digest.update(block)
+        update_from_file(digest, path)
     return digest.hexdigest()
 
 

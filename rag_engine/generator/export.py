@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rag_engine.checksum import sha256_file
 from rag_engine.errors import RagEngineError
 from rag_engine.generator import assets
 from rag_engine.generator.spec import DecoderSpec
@@ -74,14 +75,6 @@ class ExportConfig:
         if self.precision == "int8" and self.int8_method == "nbits":
             return 8
         return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(),
@@ -146,7 +139,7 @@ def _quantize_dynamic(folder: Path) -> None:
 
 
 def write_manifest(folder: Path, spec: DecoderSpec, config: ExportConfig) -> None:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
              for name in (MODEL_FILE, DATA_FILE)}
     manifest = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec),
                 "config": dataclasses.asdict(config), "files": files}
@@ -175,7 +168,7 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> tuple[Decod
         size = file.stat().st_size
         if size != meta["bytes"]:
             raise ExportFormatError(f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}")
-        if verify and _sha256(file) != meta["sha256"]:
+        if verify and sha256_file(file) != meta["sha256"]:
             raise ExportFormatError(f"{file} is corrupted: sha256 differs from {MANIFEST}")
     return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
 
