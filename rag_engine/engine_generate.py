@@ -50,13 +50,7 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
     k = max(len(d) for d in docs)
     doc_msgs = [[prompts.concat_messages(q, [d[i].text if i < len(d) else ""], eng.config.system_prompt)
                  if i < len(d) else prompts.concat_messages(q, []) for i in range(k)] for q, d in zip(qs, docs)]
-    log_alpha = np.full((len(qs), k), -np.inf, np.float32)
-    for qi, d in enumerate(docs):
-        a = np.array([x.alpha for x in d], np.float64)
-        if len(a) == 0 or a.sum() <= 0:
-            log_alpha[qi, 0] = 0.0  # no documents: the bare-question row carries all the mass
-        else:
-            log_alpha[qi, : len(a)] = np.log(np.maximum(a, 1e-30))
+    log_alpha = np.stack([modes.log_alphas(d, k) for d in docs])
     if mode == "rag_sequence":
         p = params if params.logprobs is not None else _with_logprobs(params)
         flat = gen.generate([m for group in doc_msgs for m in group], p)
@@ -89,8 +83,6 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
 
 
 def _with_logprobs(params: SamplingParams) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, logprobs=0)
 
 
@@ -107,9 +99,8 @@ def stream_mode(eng, mode: str, question: str, docs, params: SamplingParams) -> 
         gen = eng.generator
         k = len(docs)
         ids, cacheable = rag_doc_prompts(eng, question, docs, k)
-        la = np.log(np.maximum(np.array([[d.alpha for d in docs]], np.float64), 1e-30)).astype(np.float32)
+        la = modes.log_alphas(docs, k)[None, :]
         row = modes.make_row(gen, gen.encode(prompts.concat_messages(question, [])), params)
-        assert la.shape == (1, k)
         for events in modes.rag_token_generate(gen, [ids], la, [params], [row], eng.prefix_cache, cacheable):
             for _, delta in events:
                 if delta:

@@ -69,17 +69,6 @@ def rag_doc_prompts(eng, question: str, docs: Sequence, k: int) -> tuple[list[np
     return ids, cacheable
 
 
-def log_alphas(docs: Sequence, k: int) -> np.ndarray:
-    """log α ``[k]`` fp32 (-inf for empty slots); no documents: slot 0 carries all the mass."""
-    out = np.full(k, -np.inf, np.float32)
-    a = np.array([d.alpha for d in docs], np.float64)
-    if len(a) == 0 or a.sum() <= 0:
-        out[0] = 0.0
-    else:
-        out[: len(a)] = np.log(np.maximum(a, 1e-30))
-    return out
-
-
 def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, retriever: str | None,
                   where: dict | None, handle: RequestHandle, messages: list[dict] | None = None) -> Request:
     """Retrieve for ``query`` and turn it into scheduler sequences for ``mode``.
@@ -104,7 +93,7 @@ def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, re
         seq = single_seq(row(ids), cacheable_len(eng, ids, probe) if probe else 0)
         return Request([seq], handle, lambda req: output_of_row(req.seqs[0].row, _ordered(docs), metrics))
     ids, cacheable = rag_doc_prompts(eng, query, docs, k)
-    la = log_alphas(docs, k)
+    la = modes.log_alphas(docs, k)
     if mode == "rag_token":
         seq = mixed_seq(ids, la, row(gen.encode(prompts.concat_messages(query, []))), cacheable)
         n = sum(len(x) for x in ids)

@@ -67,6 +67,17 @@ def rag_token_generate(gen: Generator, doc_prompts: Sequence[Sequence[np.ndarray
         lengths = lengths + 1
 
 
+def log_alphas(docs: Sequence, k: int) -> np.ndarray:
+    """log α ``[k]`` fp32 (-inf for empty slots); no documents: slot 0 carries all the mass."""
+    out = np.full(k, -np.inf, np.float32)
+    a = np.array([d.alpha for d in docs], np.float64)
+    if len(a) == 0 or a.sum() <= 0:
+        out[0] = 0.0
+    else:
+        out[: len(a)] = np.log(np.maximum(a, 1e-30))
+    return out
+
+
 def make_row(gen: Generator, prompt: np.ndarray, params: SamplingParams) -> Row:
     stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else gen.eos_token_ids)
     return Row(prompt, params, stop_ids, IncrementalDetokenizer(gen.tokenizer, params.skip_special_tokens))
