@@ -1,26 +1,9 @@
 // Portable scalar scoring path (any CPU; also the oracle for the SIMD paths).
-#include <cmath>
-
 #include "score_tile_impl.h"
+#include "simd_math.h"
 
 namespace rag_engine {
 namespace {
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31;
-  const int exp = (h >> 10) & 0x1f;
-  const uint32_t mant = h & 0x3ff;
-  float mag;
-  if (exp == 0) mag = std::ldexp(static_cast<float>(mant), -24);                 // subnormal
-  else if (exp == 31) mag = mant ? NAN : INFINITY;
-  else mag = std::ldexp(static_cast<float>(mant | 0x400), exp - 25);
-  uint32_t bits;
-  std::memcpy(&bits, &mag, sizeof(bits));
-  bits |= sign;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 struct Scalar {
   using V = float;
@@ -38,7 +21,7 @@ struct Scalar {
     std::memcpy(&out, &bits, sizeof(out));
     return out;
   }
-  static V load(const F16* p) { return half_to_float(p->bits); }
+  static V load(const F16* p) { return half_bits_to_float(p->bits); }
   static V load(const int8_t* p) { return static_cast<float>(*p); }
 };
 
