@@ -43,10 +43,10 @@ def main() -> int:
     stores = {dt: CorpusMatrix.from_float(corpus, dt) for dt in ("fp32", "bf16", "int8")}
     print(f"threads: {threads}; CPU paths: {', '.join(__import__('rag_engine')._ext.supported_isas())}")
     print(f"{'Q':>4} {'k':>3} | {'faiss ms':>9} | {'topk_ip fp32':>12} | {'bf16':>6} | {'int8':>6} | same ids")
+    k = 10
     for nq in (1, 8, 32):
         q = rng.standard_normal((nq, d), dtype=np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        k = 10
         _, f_ids = index.search(q, k)
         _, o_ids = ops.topk_ip(q, stores["fp32"], k, threads=threads)
         same = np.mean([len(set(a) & set(b)) / k for a, b in zip(f_ids, o_ids)])

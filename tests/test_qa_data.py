@@ -9,9 +9,9 @@ Each line of ``tests/data/pydoc_qa.jsonl`` is a JSON object::
 import collections
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 QA_PATH = Path(__file__).parent / "data" / "pydoc_qa.jsonl"
 
