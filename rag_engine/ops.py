@@ -36,34 +36,66 @@ _AVAILABLE: dict[str, Callable[[], bool]] = {
 
 def is_cuda(x: Any) -> bool:
     """True for a torch CUDA tensor (or anything exposing __cuda_array_interface__)."""
+    if type(x) is np.ndarray:
+        return False
     dev = getattr(x, "device", None)
     if dev is not None and getattr(dev, "type", None) == "cuda":
         return True
     return hasattr(x, "__cuda_array_interface__")
 
 
+def _env_reader(name: str) -> Callable[[], str | None]:
+    """A reader of one environment variable that sees os.environ changes made at
+    run time (monkeypatch.setenv, os.environ[...] = ...) at a fraction of the
+    cost of os.environ.get, which re-encodes the key on every call: this runs on
+    every op call, where a few hundred nanoseconds are a visible share."""
+    data = getattr(os.environ, "_data", None)
+    encodekey, decodevalue = getattr(os.environ, "encodekey", None), getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encodekey is None or decodevalue is None:
+        return lambda: os.environ.get(name)
+    key = encodekey(name)
+
+    def read() -> str | None:
+        v = data.get(key)
+        return None if v is None else decodevalue(v)
+
+    return read
+
+
+_backend_env = _env_reader(BACKEND_ENV)
+_threads_env = _env_reader(THREADS_ENV)
+# The default backend per (implemented backends, CUDA inputs): availability is
+# fixed for the life of the process (extension import, torch import, device).
+_DEFAULT_BACKEND: dict[tuple[tuple[str, ...], bool], str] = {}
+
+
 def resolve_backend(op: str, backend: str | None, implemented: Sequence[str], on_cuda: bool) -> str:
     """Name of the backend that runs `op` (see module docstring for the rule)."""
-    requested = backend if backend is not None else (os.environ.get(BACKEND_ENV) or None)
-    if requested is not None:
-        source = "backend=" if backend is not None else f"{BACKEND_ENV}="
-        if requested not in BACKENDS:
-            raise ValueError(f"{op}: {source}{requested!r} is not a backend; expected one of {BACKENDS}")
-        if requested not in implemented:
-            raise BackendUnavailableError(
-                f"{op}: {source}{requested!r} does not implement this op (implemented: {tuple(implemented)})"
-            )
-        if not _AVAILABLE[requested]():
-            raise BackendUnavailableError(f"{op}: {source}{requested!r} is not available on this machine")
-        if on_cuda != (requested in ("cuda", "triton")) and requested != "torch":
-            where = "CUDA" if on_cuda else "CPU"
-            raise ValueError(f"{op}: {source}{requested!r} cannot take {where} inputs")
-        return requested
-    order = ("cuda", "triton", "torch") if on_cuda else ("cpu", "torch")
-    for name in order:
-        if name in implemented and _AVAILABLE[name]():
-            return name
-    raise BackendUnavailableError(f"{op}: no backend available for {'CUDA' if on_cuda else 'CPU'} inputs")
+    requested = backend if backend is not None else (_backend_env() or None)
+    if requested is None:
+        key = (tuple(implemented), on_cuda)
+        name = _DEFAULT_BACKEND.get(key)
+        if name is None:
+            order = ("cuda", "triton", "torch") if on_cuda else ("cpu", "torch")
+            name = next((b for b in order if b in implemented and _AVAILABLE[b]()), None)
+            if name is None:
+                raise BackendUnavailableError(
+                    f"{op}: no backend available for {'CUDA' if on_cuda else 'CPU'} inputs")
+            _DEFAULT_BACKEND[key] = name
+        return name
+    source = "backend=" if backend is not None else f"{BACKEND_ENV}="
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: {source}{requested!r} is not a backend; expected one of {BACKENDS}")
+    if requested not in implemented:
+        raise BackendUnavailableError(
+            f"{op}: {source}{requested!r} does not implement this op (implemented: {tuple(implemented)})"
+        )
+    if not _AVAILABLE[requested]():
+        raise BackendUnavailableError(f"{op}: {source}{requested!r} is not available on this machine")
+    if on_cuda != (requested in ("cuda", "triton")) and requested != "torch":
+        where = "CUDA" if on_cuda else "CPU"
+        raise ValueError(f"{op}: {source}{requested!r} cannot take {where} inputs")
+    return requested
 
 
 def available_backends(op_impls: Sequence[str] = BACKENDS) -> list[str]:
@@ -72,8 +104,10 @@ def available_backends(op_impls: Sequence[str] = BACKENDS) -> list[str]:
 
 def resolve_threads(op: str, threads: int | None) -> int:
     """0 means the OpenMP default (OMP_NUM_THREADS, else all cores)."""
+    if type(threads) is int and threads >= 1:  # the common case, checked cheaply
+        return threads
     if threads is None:
-        env = os.environ.get(THREADS_ENV)
+        env = _threads_env()
         if not env:
             return 0
         try:
@@ -159,6 +193,7 @@ _TOPK_IP_IMPLS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "cpu": _topk_ip_cpu,
     "torch": _topk_ip_torch,
 }
+_TOPK_IP_BACKENDS = (*_TOPK_IP_IMPLS, *DEVICE_BACKENDS)
 
 
 def topk_ip(
@@ -186,7 +221,7 @@ def topk_ip(
     """
     op = "topk_ip"
     on_cuda = is_cuda(queries) or (not isinstance(corpus, CorpusMatrix) and is_cuda(corpus))
-    name = resolve_backend(op, backend, (*_TOPK_IP_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    name = resolve_backend(op, backend, _TOPK_IP_BACKENDS, on_cuda)
     if on_cuda:  # CUDA tensors in, CUDA tensors out (rag_engine.gpu_ops)
         return gpu_ops.topk_ip(name, queries, corpus, check_k(op, k), ids_filter)
     q = float32_matrix(op, "queries", queries, allow_1d=True)
@@ -302,6 +337,7 @@ _FUSION_SOFTMAX_IMPLS: dict[str, Callable[..., tuple]] = {
     "cpu": _fusion_softmax_cpu,
     "torch": _fusion_softmax_torch,
 }
+_FUSION_SOFTMAX_BACKENDS = (*_FUSION_SOFTMAX_IMPLS, *DEVICE_BACKENDS)
 
 
 def fusion_softmax(
@@ -320,7 +356,7 @@ def fusion_softmax(
     """
     op = "fusion_softmax"
     on_cuda = is_cuda(h_in) or is_cuda(docs)
-    name = resolve_backend(op, backend, (*_FUSION_SOFTMAX_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    name = resolve_backend(op, backend, _FUSION_SOFTMAX_BACKENDS, on_cuda)
     if on_cuda:
         return gpu_ops.fusion_softmax(name, h_in, docs, W_a, mask, return_scores)
     d = _array(op, "docs", docs, 3, (np.float32, np.float16, np.uint16))
@@ -355,6 +391,7 @@ def as_corpus_matrix(x: Any, op: str = "as_corpus_matrix") -> CorpusMatrix:
 
 
 _FUSION_SOFTMAX_GATHER_IMPLS: dict[str, Callable[..., tuple]] = {"cpu": _gather_cpu, "torch": _gather_torch}
+_FUSION_SOFTMAX_GATHER_BACKENDS = (*_FUSION_SOFTMAX_GATHER_IMPLS, *DEVICE_BACKENDS)
 
 
 def fusion_softmax_gather(
@@ -370,7 +407,7 @@ def fusion_softmax_gather(
     """
     op = "fusion_softmax_gather"
     on_cuda = is_cuda(h_in) or is_cuda(ids) or is_cuda(corpus)
-    name = resolve_backend(op, backend, (*_FUSION_SOFTMAX_GATHER_IMPLS, *DEVICE_BACKENDS), on_cuda)
+    name = resolve_backend(op, backend, _FUSION_SOFTMAX_GATHER_BACKENDS, on_cuda)
     if on_cuda:
         return gpu_ops.fusion_softmax_gather(name, h_in, corpus, ids, W_a, mask, return_scores)
     c = as_corpus_matrix(corpus, op)
@@ -421,6 +458,9 @@ def _marg_torch(op: str, la: np.ndarray, x: np.ndarray, temperature: float) -> n
     return out
 
 
+_MARG_BACKENDS = ("cpu", "torch", *DEVICE_BACKENDS)
+
+
 def rag_token_marg(
     log_alpha: Any, logits: Any, *, temperature: float = 1.0, threads: int | None = None,
     backend: str | None = None, isa: str | None = None,
@@ -432,7 +472,7 @@ def rag_token_marg(
     temperature > 0. Returns float32 numpy [B, V].
     """
     op = "rag_token_marg"
-    name = resolve_backend(op, backend, ("cpu", "torch", *DEVICE_BACKENDS), is_cuda(logits))
+    name = resolve_backend(op, backend, _MARG_BACKENDS, is_cuda(logits))
     t = _number(op, "temperature", temperature, 0.0, np.inf, low_open=True)
     if is_cuda(logits):
         return gpu_ops.rag_token_marg(name, log_alpha, logits, t)

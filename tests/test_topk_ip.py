@@ -300,3 +300,26 @@ def test_property_random_shapes(n, d, nq, k, dtype, isa, threads, seed, quantise
     if quantised_values:
         q = np.round(q).astype(np.float32)
     check_topk(*ops.topk_ip(q, c, k, threads=threads, isa=isa), q, c, k)
+
+
+def test_dispatch_sees_environment_changes_at_run_time(monkeypatch):
+    """The backend/threads variables are read on every call (a cheap reader, no caching of values)."""
+    import os
+
+    c, q = corpus_matrix(64, 16, "fp32"), queries(2, 16)
+    monkeypatch.setenv("RAG_ENGINE_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="RAG_ENGINE_BACKEND='cuda'"):
+        ops.topk_ip(q, c, 3)
+    os.environ["RAG_ENGINE_BACKEND"] = "torch"  # a direct assignment is seen too
+    check_topk(*ops.topk_ip(q, c, 3), q, c, 3)
+    monkeypatch.delenv("RAG_ENGINE_BACKEND")
+    assert ops.resolve_backend("topk_ip", None, ("cpu", "torch"), False) == "cpu"
+    monkeypatch.setenv("RAG_ENGINE_NUM_THREADS", "3")
+    assert ops.resolve_threads("topk_ip", None) == 3
+    monkeypatch.setenv("RAG_ENGINE_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="RAG_ENGINE_NUM_THREADS must be an integer"):
+        ops.topk_ip(q, c, 3)
+    monkeypatch.delenv("RAG_ENGINE_NUM_THREADS")
+    assert ops.resolve_threads("topk_ip", None) == 0 and ops.resolve_threads("topk_ip", 2) == 2
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        ops.resolve_threads("topk_ip", 0)
