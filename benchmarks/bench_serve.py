@@ -117,7 +117,12 @@ def main() -> None:
         ref = eng.generate([q], params)[0]
         assert eng.submit(q, params).result(timeout=600).token_ids == ref.token_ids, q
     seq_runs = run_sequential(eng, questions, arrivals, params)
+    before = eng.stats()
+    t_bat = time.perf_counter()
     bat_runs = run_batched(eng, questions, arrivals, params)
+    t_bat = time.perf_counter() - t_bat
+    busy = {key: eng.stats()[key] - before.get(key, 0) for key in
+            ("prefill_calls", "prefill_seconds", "decode_steps", "decode_seconds", "decode_rows", "prompt_tokens")}
     assert [r["text"] for r in seq_runs] == [r["text"] for r in bat_runs], "arms answered differently"
     for a, b in zip(seq_runs, bat_runs):
         a["tokens"] = b["tokens"]  # greedy: the same answers, so the same token counts
@@ -126,7 +131,8 @@ def main() -> None:
     result = {"rate": args.rate, "max_tokens": args.max_tokens, "threads": args.threads, "k": args.k,
               "one_at_a_time": seq, "continuous_batching": bat,
               "throughput_ratio": bat["requests_per_s"] / seq["requests_per_s"],
-              "p50_latency_ratio": bat["latency"]["p50_ms"] / seq["latency"]["p50_ms"]}
+              "p50_latency_ratio": bat["latency"]["p50_ms"] / seq["latency"]["p50_ms"],
+              "scheduler_busy": busy | {"wall_seconds": t_bat}}
     print(f"# Poisson {args.rate} req/s, {args.requests} requests, concat k={args.k}, max_tokens={args.max_tokens}")
     print("| arm | req/s | out tok/s | latency p50/p90/p99 ms | TTFT p50/p90/p99 | TPOT p50/p90/p99 | "
           "ITL p50/p90/p99 |\n|---|---|---|---|---|---|---|")
@@ -134,6 +140,9 @@ def main() -> None:
         cells = [" / ".join(f"{s[m][q]:.0f}" for q in ("p50_ms", "p90_ms", "p99_ms"))
                  for m in ("latency", "ttft", "tpot", "itl")]
         print(f"| {name} | {s['requests_per_s']:.3f} | {s['output_tokens_per_s']:.1f} | " + " | ".join(cells) + " |")
+    print(f"# scheduler (continuous batching arm, {t_bat:.1f} s wall): {busy['prefill_calls']} prefill calls "
+          f"{busy['prefill_seconds']:.1f} s for {busy['prompt_tokens']} prompt ids, {busy['decode_steps']} decode "
+          f"steps {busy['decode_seconds']:.1f} s, {busy['decode_rows'] / max(busy['decode_steps'], 1):.1f} rows/step")
     print(f"# throughput {result['throughput_ratio']:.2f}x, p50 latency {result['p50_latency_ratio']:.2f}x "
           "of one at a time")
     print(f"# wrote {write_json('bench_serve', result)}")

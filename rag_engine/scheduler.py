@@ -35,6 +35,8 @@ from rag_engine.generator.session import DecoderSession
 
 log = logging.getLogger(__name__)
 
+INITIAL_CACHE_LEN = 512  # positions per row the KV cache starts with (it grows on demand)
+
 
 class QueueFullError(RagEngineError):
     """The waiting queue is at its bound; retry after ``retry_after`` seconds."""
@@ -189,16 +191,18 @@ class Scheduler:
         self.session, self.config, self.prefix_cache = session, config or SchedulerConfig(), prefix_cache
         spec = session.spec
         self.max_len = min(self.config.max_len, spec.max_context)
-        self.cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.config.max_batch_rows,
-                             self.max_len)
-        self.cache.batch = 0  # rows [0, batch) are live; the rest of the buffer is free
+        # Rows [0, batch) are live; the rest of the buffer is free. The cache starts short and
+        # doubles when a request needs more positions: KV memory follows the longest request
+        # seen, not the context limit (each row's positions are spread over layers x heads).
+        self.cache = self._new_cache(min(self.max_len, INITIAL_CACHE_LEN))
         self.lock = lock or threading.RLock()  # held while the session runs
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wake = threading.Condition()
         self._closed = False
         self.counters = dict(requests=0, finished=0, cancelled=0, rejected=0, steps=0,
-                             prompt_tokens=0, generated_tokens=0)
+                             prompt_tokens=0, generated_tokens=0, prefill_calls=0, decode_steps=0,
+                             decode_rows=0, prefill_seconds=0.0, decode_seconds=0.0, cache_grows=0)
         self._thread = threading.Thread(target=self._loop, name="rag-engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -232,7 +236,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, float]:
         return dict(self.counters, waiting=len(self._waiting), running=len(self._running),
-                    batch_rows=self.cache.batch)
+                    batch_rows=self.cache.batch, cache_positions=self.cache.max_len)
 
     def close(self) -> None:
         with self._wake:
@@ -263,12 +267,42 @@ class Scheduler:
         """Drop finished/cancelled sequences, admit and prefill newcomers, decode one token."""
         self._drop()
         fresh = self._admit()
+        c = self.counters
         if fresh:
+            self._fit(max(len(p) + s.row.params.max_tokens for r in fresh for s in r.seqs for p in s.prompts))
+            t0 = time.perf_counter()
             self._prefill(fresh)
+            c["prefill_seconds"] += time.perf_counter() - t0
+            c["prefill_calls"] += 1
             self._drop()
         if self._running:
-            self._decode()
-        self.counters["steps"] += 1
+            t0 = time.perf_counter()
+            c["decode_rows"] += self._decode()
+            c["decode_seconds"] += time.perf_counter() - t0
+            c["decode_steps"] += 1
+        c["steps"] += 1
+
+    def _new_cache(self, length: int) -> KVCache:
+        spec = self.session.spec
+        cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.config.max_batch_rows, length)
+        cache.batch = 0
+        return cache
+
+    def _fit(self, need: int) -> None:
+        """Grow the cache (doubling, up to max_len) to hold ``need`` positions per row, live rows kept."""
+        if need <= self.cache.max_len:
+            return
+        length = self.cache.max_len
+        while length < need:
+            length *= 2
+        grown = self._new_cache(min(length, self.max_len))
+        rows = self.cache.batch
+        used = max((int(s.lengths.max()) for r in self._running for s in r.seqs if s.sampler is not None), default=0)
+        if rows and used:
+            grown.buffer[:, :, :rows, :, :used] = self.cache.buffer[:, :, :rows, :, :used]
+        grown.batch = rows
+        self.cache = grown
+        self.counters["cache_grows"] += 1
 
     def _live(self) -> list[Seq]:
         return [s for r in self._running for s in r.seqs if s.row.finish_reason is None]
@@ -342,7 +376,8 @@ class Scheduler:
         for r in fresh:
             self._emit(r)
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """One decode step for every live row; returns the number of rows."""
         live = [s for r in self._running for s in r.seqs if s.sampler is not None]
         tokens = np.concatenate([np.full(s.width, s.next_token, np.int64) for s in live])
         lengths = np.concatenate([s.lengths for s in live])
@@ -354,6 +389,7 @@ class Scheduler:
             row += s.width
         for r in self._running:
             self._emit(r)
+        return len(tokens)
 
     def _sample(self, s: Seq, logits: np.ndarray, now: float) -> None:
         """Pick the next token of ``s`` from its rows' logits ``[K, V]`` and record it."""

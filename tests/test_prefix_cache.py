@@ -22,6 +22,7 @@ from rag_engine.generator.loop import decode_one_token, prefill  # noqa: E402
 from rag_engine.generator.prefix_cache import (  # noqa: E402
     PrefixCache,
     PrefixCacheConfig,
+    plan_runs,
     prefill_rows,
     shared_prefix_len,
 )
@@ -77,6 +78,30 @@ def test_hits_ragged_and_mixed_rows_match_cold_prefill(session):
     assert pc.hit_tokens == len(DOC_A) + len(DOC_B)  # the tail block made the whole documents hit
     # a prompt that is entirely cached still runs its last id (its logits start the generation)
     assert_same_generation(session, [DOC_A.copy()], pc)
+
+
+def test_plan_runs_pads_uncached_rows_together_within_the_waste_bound():
+    assert plan_runs([], []) == []
+    assert plan_runs([10, 12, 9], [0, 0, 0]) == [(0, 3)]  # little padding: one call
+    # 300 + 350 padded to 2 x 350 is within 10%; a third row of 280 would not be
+    assert plan_runs([300, 350, 280, 330, 100, 120], [0] * 6) == [(0, 2), (2, 4), (4, 6)]
+    # a row on a cached prefix runs alone; uncached neighbours still group
+    assert plan_runs([40, 40, 300, 40, 40], [0, 0, 250, 0, 0]) == [(0, 2), (2, 3), (3, 5)]
+    assert plan_runs([5, 400, 6, 7, 380, 390], [0] * 6) == [(0, 1), (1, 2), (2, 4), (4, 6)]
+    # the bound on rows x longest prompt (attention scratch of long caches) splits equal rows
+    assert plan_runs([330] * 6, [0] * 6) == [(0, 6)]
+    assert plan_runs([330] * 6, [0] * 6, max_padded=1000) == [(0, 3), (3, 6)]
+
+
+def test_split_prefill_matches_one_padded_call(session):
+    """Uncached rows of very different lengths go through several calls: same outputs."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 300, n) for n in (3, 60, 5, 7, 58, 61)]
+    assert len(plan_runs([len(p) for p in prompts], [0] * len(prompts))) > 1
+    assert_same_generation(session, prompts, None)
+    pc = PrefixCache("tiny", PrefixCacheConfig(max_bytes=64 << 20))
+    assert_same_generation(session, prompts, pc, [len(p) - 1 for p in prompts])  # stores them
+    assert_same_generation(session, prompts + [DOC_A.copy()], pc)  # all hit but the last
 
 
 def test_evictions_keep_outputs_and_the_byte_bound(session):

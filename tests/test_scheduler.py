@@ -126,3 +126,27 @@ def test_seq_positions_account_for_every_row(generator):  # noqa: F811
     req = request(generator, PROMPTS[0], SamplingParams(max_tokens=5))
     assert req.positions == len(req.seqs[0].prompts[0]) + 5 and req.width == 1
     assert np.asarray(req.seqs[0].prompts[0]).dtype == np.int64
+
+
+def test_cache_grows_on_demand_with_rows_in_flight(generator, monkeypatch):  # noqa: F811
+    """The KV cache starts short and doubles when a longer request joins; live rows keep their KV."""
+    import rag_engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "INITIAL_CACHE_LEN", 16)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (30, 6, 90)]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
+    alone = [generator.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    sched = Scheduler(generator.session, SchedulerConfig(max_batch_rows=3))
+    try:
+        assert sched.stats()["cache_positions"] == 16
+        handles = [sched.submit(request(generator, prompts[0], params[0]))]
+        deltas = handles[0].deltas(timeout=60)
+        next(deltas)  # the first row is decoding when the longer ones arrive
+        handles += [sched.submit(request(generator, p, sp)) for p, sp in zip(prompts[1:], params[1:])]
+        rows = [h.result(timeout=60) for h in handles]
+        assert [tuple(r.tokens) for r in rows] == [a.token_ids for a in alone]
+        stats = sched.stats()
+        assert stats["cache_grows"] >= 2 and stats["cache_positions"] >= len(generator.encode(prompts[2])) + 90
+        assert stats["cache_positions"] <= 256
+    finally:
+        sched.close()
