@@ -238,3 +238,31 @@ def test_faiss_dense_backends(engine, backend):
     filtered = approx.retrieve(qs[0], k=10, retriever="dense", where={"topic": "dicts"})[0]
     assert filtered and {h.doc_id for h in filtered} == {"dicts"}
     engine.index.set_dense_backend("topk_ip")
+
+
+def test_allow_masks_are_cached_and_follow_changes(tmp_path):
+    """Filter masks are built per document, cached, and rebuilt after add/delete/save."""
+    from rag_engine.retrieval.index import PassageIndex
+
+    rng = np.random.default_rng(0)
+    idx = PassageIndex("test-encoder", 8)
+    for d in range(6):
+        idx.add(f"d{d}", [(0, 5), (5, 11)], ["apple", "banana"], rng.standard_normal((2, 8), dtype=np.float32),
+                {"lang": "en" if d % 2 else "fr", "n": [d]})
+    assert idx.allow_mask() is None and len(idx) == 12
+    fr = idx.allow_mask({"lang": "fr"})
+    assert fr.tolist() == [True, True, False, False] * 3 and not fr.flags.writeable
+    assert idx.allow_mask({"lang": "fr"}) is fr  # cached
+    assert idx.allow_mask({"n": [3]}).nonzero()[0].tolist() == [6, 7]  # unhashable values work
+    idx.delete(["d0"])
+    assert len(idx) == 10
+    assert idx.allow_mask({"lang": "fr"}).nonzero()[0].tolist() == [4, 5, 8, 9]
+    assert idx.allow_mask().tolist() == [False, False] + [True] * 10
+    idx.add("d9", [(0, 6)], ["cherry"], rng.standard_normal((1, 8), dtype=np.float32), {"lang": "fr"})
+    assert idx.allow_mask({"lang": "fr"}).nonzero()[0].tolist() == [4, 5, 8, 9, 12]
+    q = rng.standard_normal((1, 8), dtype=np.float32)
+    s, ids = idx.search_dense(q, 20, where={"lang": "fr"})
+    assert sorted(i for i in ids[0].tolist() if i >= 0) == [4, 5, 8, 9, 12]
+    idx.save(tmp_path / "ix")
+    assert len(idx) == 11 and idx.allow_mask() is None
+    assert idx.allow_mask({"lang": "fr"}).nonzero()[0].tolist() == [2, 3, 6, 7, 10]

@@ -94,6 +94,8 @@ class PassageIndex:
         self._passages: list[Passage | None] = []
         self._vectors = _Vectors(dim, dtype)
         self._by_doc: dict[str, list[int]] = {}
+        self._dead = 0  # tombstoned rows
+        self._masks: dict[str, np.ndarray] = {}  # allow masks by `where`, dropped on every change
         self._bm25: BM25Index | None = None
         # "topk_ip" (exact, the fused kernel) or "faiss_flat" / "faiss_hnsw" / "faiss_ivf".
         self.dense_backend = "topk_ip"
@@ -107,7 +109,7 @@ class PassageIndex:
     # ------------------------------------------------------------------ contents
     def __len__(self) -> int:
         """Live passages."""
-        return sum(len(v) for v in self._by_doc.values())
+        return len(self._passages) - self._dead
 
     @property
     def num_documents(self) -> int:
@@ -138,6 +140,7 @@ class PassageIndex:
             self._passages.append(Passage(first + j, doc_id, t, a, b, meta))
         self._by_doc[doc_id] = list(range(first, first + len(texts)))
         self._bm25 = self._faiss = None
+        self._masks.clear()
         return self._by_doc[doc_id]
 
     def delete(self, doc_ids: Sequence[str]) -> int:
@@ -149,15 +152,30 @@ class PassageIndex:
                 gone += 1
         if gone:
             self._bm25 = None
+            self._dead += gone
+            self._masks.clear()
         return gone
 
     def allow_mask(self, where: dict[str, Any] | None = None) -> np.ndarray | None:
-        """Bool mask over passage ids of live passages matching `where` (metadata equality);
-        None when every row is allowed."""
-        if where is None and len(self) == len(self._passages):
+        """Read-only bool mask over passage ids of live passages matching `where` (metadata
+        equality); None when every row is allowed. Built per document (passages share their
+        document's metadata) and cached until the index changes, so repeated searches with the
+        same filter cost nothing here."""
+        if not where and self._dead == 0:
             return None
-        return np.array([p is not None and all(p.metadata.get(k) == v for k, v in (where or {}).items())
-                         for p in self._passages], np.bool_)
+        key = json.dumps(where or {}, sort_keys=True, default=repr)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = np.zeros(len(self._passages), np.bool_)
+            for pids in self._by_doc.values():
+                meta = self._passages[pids[0]].metadata
+                if all(meta.get(k) == v for k, v in (where or {}).items()):
+                    mask[pids] = True
+            mask.flags.writeable = False
+            if len(self._masks) >= 64:
+                self._masks.clear()
+            self._masks[key] = mask
+        return mask
 
     # ------------------------------------------------------------------ search
     def search_dense(self, qvecs: np.ndarray, k: int, where: dict[str, Any] | None = None,
@@ -260,7 +278,8 @@ class PassageIndex:
         persist.commit_version(root, version, {
             "encoder": self.encoder_name, "dim": self.dim, "dtype": self.dtype,
             "num_passages": len(compact), "num_documents": len({p.doc_id for p in compact})})
-        self._passages, self._by_doc = list(compact), {}
+        self._passages, self._by_doc, self._dead = list(compact), {}, 0
+        self._masks.clear()
         for p in compact:
             self._by_doc.setdefault(p.doc_id, []).append(p.passage_id)
         self._vectors = _Vectors.from_arrays(data, self.dtype, scales)
