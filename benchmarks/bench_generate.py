@@ -249,15 +249,15 @@ def build_genai(folder: Path, precision: str) -> Path:
     import shutil
     import subprocess
 
-    from rag_engine.generator import assets
+    from rag_engine import cache
     from rag_engine.generator.export import folder_key
 
-    root = assets.cache_root() / "genai"
+    root = cache.cache_root() / "genai"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{precision}-{folder_key(folder)[:16]}"
-    if assets.is_complete(final):
+    if cache.is_complete(final):
         return final
-    tmp = assets.staging_dir(root, final.name)
+    tmp = cache.staging_dir(root, final.name)
     print(f"# building onnxruntime-genai {precision} model (model builder) into {final}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(tmp / "model"),
            "-p", precision, "-e", "cpu", "-c", str(tmp / "hf_cache")]
@@ -266,7 +266,7 @@ def build_genai(folder: Path, precision: str) -> Path:
     for item in (tmp / "model").iterdir():
         item.rename(tmp / item.name)
     (tmp / "model").rmdir()
-    return assets.publish(tmp, final)
+    return cache.publish(tmp, final)
 
 
 class GenaiContender:

@@ -11,3 +11,7 @@ class BackendUnavailableError(RagEngineError, RuntimeError):
 
 class IndexFormatError(RagEngineError, ValueError):
     """An index on disk has the wrong format version, encoder, dims or a bad checksum."""
+
+
+class ExportFormatError(RagEngineError, ValueError):
+    """An exported model folder is missing files, or its files do not match their manifest."""

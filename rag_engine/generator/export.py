@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rag_engine import cache
 from rag_engine.checksum import sha256_file
-from rag_engine.errors import RagEngineError
-from rag_engine.generator import assets
+from rag_engine.errors import ExportFormatError
 from rag_engine.generator.spec import DecoderSpec
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,6 @@ FORMAT_VERSION = 2
 MODEL_FILE, DATA_FILE, MANIFEST = "model.onnx", "model.onnx.data", "manifest.json"
 PRECISIONS = ("fp32", "int8", "int4")
 INT8_METHODS = ("nbits", "dynamic")
-
-
-class ExportFormatError(RagEngineError, ValueError):
-    """An exported model folder is missing files, or its files do not match their manifest."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +180,7 @@ def model_key(model) -> str:
 
 def folder_key(folder: Path) -> str:
     """Content hash of a Hugging Face model folder (weights + config)."""
-    return assets.hash_files(folder, ("*.safetensors", "*.bin", "config.json"))
+    return cache.hash_files(folder, ("*.safetensors", "*.bin", "config.json"))
 
 
 def builder_fingerprint() -> str:
@@ -204,19 +200,19 @@ def cached_export(model_key_: str, load_model, config: ExportConfig,
     opts = json.dumps(dataclasses.asdict(config), sort_keys=True)
     key = f"{FORMAT_VERSION}|{builder_fingerprint()}|{model_key_}|{opts}"
     key = hashlib.sha256(key.encode()).hexdigest()[:24]
-    root = assets.cache_root(cache_dir) / "onnx"
+    root = cache.cache_root(cache_dir) / "onnx"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{config.precision}-{key}"
-    if assets.is_complete(final):
+    if cache.is_complete(final):
         try:
             read_manifest(final)
             return final
         except ExportFormatError as err:
             logger.warning("rebuilding broken export cache entry: %s", err)
-    tmp = assets.staging_dir(root, final.name)
+    tmp = cache.staging_dir(root, final.name)
     try:
         export_model(load_model(), tmp, config, progress=progress)
-        return assets.publish(tmp, final)
+        return cache.publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag_engine.generator.assets import cache_root, hash_files, is_complete, publish, staging_dir
+from rag_engine.cache import cache_root, hash_files, is_complete, publish, staging_dir
 
 log = logging.getLogger(__name__)
 
