@@ -47,25 +47,37 @@ int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, in
   return -1;
 }
 
+// The calling thread's scratch for pass 1's exponentials (kept between calls: the
+// OpenMP workers persist, so steady-state calls allocate nothing).
+float* kept_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // One whole row b on the calling thread: pass 1 over every (document, chunk),
 // the offsets, then pass 2 chunk by chunk. Returns -1 or the bad document.
 int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, int64_t nchunks,
                  float* pm, float* ps, float* c) {
   const size_t base = static_cast<size_t>(b * a.k * nchunks);
+  const int64_t e_stride = nchunks * kChunk;  // kept exponentials: [k][chunk][kChunk]
+  float* kept = kept_scratch(static_cast<size_t>(a.k * e_stride));
   for (int64_t ch = 0; ch < nchunks; ++ch)
     for (int64_t i = 0; i < a.k; ++i) {
       const int64_t v0 = ch * kChunk;
       const size_t slot = base + static_cast<size_t>(i * nchunks + ch);
-      kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
-                     &pm[slot], &ps[slot]);
+      kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
+                          &pm[slot], &ps[slot], kept + i * e_stride + v0);
     }
   const int64_t bad = doc_offsets(a.log_alpha + b * a.k, pm + base, ps + base, a.k, nchunks, c);
   if (bad >= 0) return bad;
-  // Pass 2 walks the chunks backwards: the last ones read by pass 1 are still in L2.
+  // Pass 2 walks the chunks backwards: the last ones written by pass 1 are still in L2.
+  std::vector<float> m(static_cast<size_t>(a.k));
   for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
     const int64_t v0 = ch * kChunk;
-    kern.combine(a.logits + b * a.k * a.v + v0, a.v, c, a.k, std::min(kChunk, a.v - v0), a.inv_temperature,
-                 a.out + b * a.v + v0);
+    for (int64_t i = 0; i < a.k; ++i) m[static_cast<size_t>(i)] = pm[base + static_cast<size_t>(i * nchunks + ch)];
+    kern.combine_kept(kept + v0, e_stride, a.logits + b * a.k * a.v + v0, a.v, c, m.data(), a.k,
+                      std::min(kChunk, a.v - v0), a.inv_temperature, a.out + b * a.v + v0);
   }
   return -1;
 }
@@ -111,17 +123,20 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
 #pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
   {
     const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> c(static_cast<size_t>(a.k));
+    std::vector<float> c(static_cast<size_t>(a.k)), m(static_cast<size_t>(a.k));
     int64_t first_bad = std::numeric_limits<int64_t>::max();
     for (int64_t g0 = 0; g0 < a.b; g0 += group) {
       const int64_t items = (std::min(a.b, g0 + group) - g0) * nchunks;
       const int64_t it0 = items * t / nth, it1 = items * (t + 1) / nth;
+      // kept exponentials of this thread's items: [item][k][kChunk]
+      float* kept = kept_scratch(static_cast<size_t>(std::max<int64_t>(it1 - it0, 1) * a.k * kChunk));
       for (int64_t it = it0; it < it1; ++it) {
         const int64_t b = g0 + it / nchunks, ch = it % nchunks;
         const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
         for (int64_t i = 0; i < a.k; ++i) {
           const size_t slot = static_cast<size_t>((b * a.k + i) * nchunks + ch);
-          kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot]);
+          kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot],
+                              kept + ((it - it0) * a.k + i) * kChunk);
         }
       }
 #pragma omp barrier
@@ -135,8 +150,10 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
           have = b;
         }
         const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
-        kern.combine(a.logits + b * a.k * a.v + v0, a.v, c.data(), a.k, n, a.inv_temperature,
-                     a.out + b * a.v + v0);
+        for (int64_t i = 0; i < a.k; ++i)
+          m[static_cast<size_t>(i)] = pm[static_cast<size_t>((b * a.k + i) * nchunks + ch)];
+        kern.combine_kept(kept + (it - it0) * a.k * kChunk, kChunk, a.logits + b * a.k * a.v + v0, a.v, c.data(),
+                          m.data(), a.k, n, a.inv_temperature, a.out + b * a.v + v0);
       }
     }
     int64_t cur = bad.load();

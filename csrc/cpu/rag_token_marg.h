@@ -6,8 +6,11 @@
 //  1. per chunk of V, the max and Σ exp(x/T - max) of every document row
 //     (one exp per logit), merged over chunks into lse_i = log Σ_t exp(x_t/T);
 //  2. per chunk, for each token, a logsumexp over the K values
-//     log_alpha_i - lse_i + x_i/T with a per-token max (so tiny probabilities
-//     keep their exact log instead of underflowing).
+//     log_alpha_i - lse_i + x_i/T. Pass 1 keeps its exponentials in a per-thread
+//     scratch (K chunks of 16 KiB per work item, L2-resident), so pass 2 only
+//     multiplies them by per-(row, chunk) weights and takes one log per token;
+//     tokens far below every row's max (sum < 2^-90) are recomputed with a
+//     per-token max, so tiny probabilities keep their exact log.
 // A chunk is 16 KiB and both passes over it run on the same thread, so the
 // second pass reads it from L1/L2. Chunk partials are merged in a fixed order:
 // the result does not depend on the thread count.
@@ -63,6 +66,12 @@ struct MargKernels {
   // w[t] = exp(z[t] - shift); returns Σ_t w[t].
   double (*exp_shift)(const float* z, int64_t n, float shift, float* w);
   float (*max)(const float* x, int64_t n);
+  // lse_chunk that also writes e[t] = exp(x_t * it - *m) (the kept exponentials).
+  void (*lse_chunk_keep)(const float* x, int64_t n, float it, float* m, float* s, float* e);
+  // combine() from the kept exponentials: e[i * e_stride + t] and each row's chunk max m[i]
+  // (x still needed for the rare tokens recomputed exactly).
+  void (*combine_kept)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
+                       const float* m, int64_t k, int64_t n, float it, float* out);
 };
 
 MargKernels marg_kernels_scalar();

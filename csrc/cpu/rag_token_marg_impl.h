@@ -2,6 +2,7 @@
 // and compiled per ISA by rag_token_marg_{scalar,avx2,avx512}.cpp.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -56,6 +57,38 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out) 
   *s_out = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
 }
 
+// lse_chunk that also keeps e_t = exp(x_t * it - *m) in `e` (0 where x_t = -inf),
+// so that the combination pass needs no exp of its own.
+template <class S>
+void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const float mx = max_of<S>(x, n) * it;
+  *m_out = mx;
+  if (mx == -kInf) {
+    for (int64_t j = 0; j < n; ++j) e[j] = 0.0f;
+    *s_out = 0.0f;
+    return;
+  }
+  const V itv = S::set1(it), neg = S::set1(-mx);
+  V s0 = S::zero(), s1 = s0;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const V e0 = S::exp(S::fma(S::load(x + j), itv, neg)), e1 = S::exp(S::fma(S::load(x + j + W), itv, neg));
+    S::store(e + j, e0);
+    S::store(e + j + W, e1);
+    s0 = S::add(s0, e0);
+    s1 = S::add(s1, e1);
+  }
+  for (; j < n; j += W) {
+    const int64_t cnt = n - j < W ? n - j : W;
+    const V e0 = S::exp(S::fma(S::load_n_or(x + j, cnt, -kInf), itv, neg));
+    S::store_n(e + j, e0, cnt);
+    s0 = S::add(s0, e0);
+  }
+  *s_out = S::hsum(S::add(s0, s1));
+}
+
 // Per token: y_i = x_i * it + c_i, out = m + log Σ_i exp(y_i - m) with m = max_i y_i
 // (floored at -FLT_MAX so a token that is -inf everywhere gives -inf, not NaN).
 template <class S>
@@ -82,6 +115,42 @@ void combine(const float* x, int64_t stride, const float* c, int64_t k, int64_t 
     const V r = S::gt_select(s, zero, S::add(m, S::log(s)), ninf);
     if (full) S::store(out + j, r);
     else S::store_n(out + j, r, cnt);
+  }
+}
+
+// combine() from the kept exponentials: with e_it = exp(x_it * it - m_i) (m_i the
+// chunk max of row i), exp(y_it) = exp(c_i + m_i) e_it, so out[t] = M + log Σ_i w_i e_it
+// with M = max_i (c_i + m_i) and w_i = exp(c_i + m_i - M) <= 1: K multiply-adds and
+// one log per token instead of K exps. Where that sum is below 2^-90 (a token far
+// below every row's chunk max, whose e_it lost precision or underflowed) the lanes
+// are recomputed exactly by the per-token-max formula.
+template <class S>
+void combine_kept(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
+                  const float* m, int64_t k, int64_t n, float it, float* out) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  constexpr int kMaxK = 64;
+  float w[kMaxK];
+  float big = -kInf;
+  for (int64_t i = 0; i < k; ++i) big = c[i] + m[i] > big ? c[i] + m[i] : big;
+  if (k > kMaxK || big == -kInf) {  // many documents, or no finite term in the chunk
+    combine<S>(x, stride, c, k, n, it, out);
+    return;
+  }
+  for (int64_t i = 0; i < k; ++i) w[i] = m[i] == -kInf ? 0.0f : std::exp(c[i] + m[i] - big);
+  const V bigv = S::set1(big), tiny = S::set1(0x1p-90f);
+  for (int64_t j = 0; j < n; j += W) {
+    const int64_t cnt = n - j < W ? n - j : W;
+    V acc = S::zero();
+    for (int64_t i = 0; i < k; ++i) {
+      const float* p = e + i * e_stride + j;
+      acc = S::fma(S::set1(w[i]), cnt == W ? S::load(p) : S::load_n(p, cnt), acc);
+    }
+    if (cnt == W && S::hmax(S::sub(tiny, acc)) < 0.0f) {
+      S::store(out + j, S::add(bigv, S::log(acc)));
+    } else {  // some lane too small for the factored form (or the tail): exact for this vector
+      combine<S>(x + j, stride, c, k, cnt, it, out + j);
+    }
   }
 }
 
@@ -114,7 +183,7 @@ double exp_shift(const float* z, int64_t n, float shift, float* w) {
 
 template <class S>
 MargKernels make_marg_kernels() {
-  return MargKernels{&lse_chunk<S>, &combine<S>, &exp_shift<S>, &max_of<S>};
+  return MargKernels{&lse_chunk<S>, &combine<S>, &exp_shift<S>, &max_of<S>, &lse_chunk_keep<S>, &combine_kept<S>};
 }
 
 }  // namespace
