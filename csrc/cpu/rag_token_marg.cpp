@@ -66,8 +66,12 @@ int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, 
     for (int64_t i = 0; i < a.k; ++i) {
       const int64_t v0 = ch * kChunk;
       const size_t slot = base + static_cast<size_t>(i * nchunks + ch);
+      // read next: document i + 1 of this chunk, else document 0 of the next chunk
+      const int64_t ni = i + 1 < a.k ? i + 1 : 0, nch = i + 1 < a.k ? ch : ch + 1;
+      const float* next = nch < nchunks ? a.logits + (b * a.k + ni) * a.v + nch * kChunk : nullptr;
       kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
-                          &pm[slot], &ps[slot], kept + i * e_stride + v0);
+                          &pm[slot], &ps[slot], kept + i * e_stride + v0,
+                          next != nullptr && nch * kChunk + kChunk <= a.v ? next : nullptr);
     }
   const int64_t bad = doc_offsets(a.log_alpha + b * a.k, pm + base, ps + base, a.k, nchunks, c);
   if (bad >= 0) return bad;
@@ -135,8 +139,13 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
         const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
         for (int64_t i = 0; i < a.k; ++i) {
           const size_t slot = static_cast<size_t>((b * a.k + i) * nchunks + ch);
+          // read next: document i + 1 of this item, else document 0 of the next item (if whole)
+          const int64_t nit = i + 1 < a.k ? it : it + 1;
+          const int64_t nb = g0 + nit / nchunks, nch = nit % nchunks, ni = i + 1 < a.k ? i + 1 : 0;
+          const bool prefetch = nit < it1 && (nch + 1) * kChunk <= a.v;
           kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot],
-                              kept + ((it - it0) * a.k + i) * kChunk);
+                              kept + ((it - it0) * a.k + i) * kChunk,
+                              prefetch ? a.logits + (nb * a.k + ni) * a.v + nch * kChunk : nullptr);
         }
       }
 #pragma omp barrier

@@ -67,7 +67,8 @@ struct MargKernels {
   double (*exp_shift)(const float* z, int64_t n, float shift, float* w);
   float (*max)(const float* x, int64_t n);
   // lse_chunk that also writes e[t] = exp(x_t * it - *m) (the kept exponentials).
-  void (*lse_chunk_keep)(const float* x, int64_t n, float it, float* m, float* s, float* e);
+  // `next`: the chunk the caller reads next (prefetched into L2 meanwhile), or null.
+  void (*lse_chunk_keep)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
   // combine() from the kept exponentials: e[i * e_stride + t] and each row's chunk max m[i]
   // (x still needed for the rare tokens recomputed exactly).
   void (*combine_kept)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,

@@ -58,9 +58,11 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out) 
 }
 
 // lse_chunk that also keeps e_t = exp(x_t * it - *m) in `e` (0 where x_t = -inf),
-// so that the combination pass needs no exp of its own.
+// so that the combination pass needs no exp of its own; `next` (or null): the chunk
+// read after this one, prefetched meanwhile.
 template <class S>
-void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e) {
+void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e,
+                    const float* next) {
   using V = typename S::V;
   constexpr int W = S::W;
   const float mx = max_of<S>(x, n) * it;
@@ -74,6 +76,10 @@ void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_
   V s0 = S::zero(), s1 = s0;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
+    if (next != nullptr) {  // the next chunk comes into L2 while this one is exp-bound
+      __builtin_prefetch(next + j, 0, 2);
+      if (2 * W * sizeof(float) > 64) __builtin_prefetch(next + j + W, 0, 2);
+    }
     const V e0 = S::exp(S::fma(S::load(x + j), itv, neg)), e1 = S::exp(S::fma(S::load(x + j + W), itv, neg));
     S::store(e + j, e0);
     S::store(e + j + W, e1);
