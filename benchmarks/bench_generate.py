@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--precisions", default=",".join(PRECISIONS))
     p.add_argument("--quick", action="store_true", help="2 repeats, 32 new tokens")
+    p.add_argument("--int8-dynamic", action="store_true",
+                   help="also time rag-engine int8 exported with quantize_dynamic (per-channel weights)")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.new_tokens = 2, 32
@@ -71,6 +73,8 @@ def main() -> None:
     contenders = [HFContender(folder, threads)]
     contenders += [GenaiContender(build_genai(folder, prec), prec, threads) for prec in precisions]
     contenders += [OursContender(prec, threads) for prec in precisions]
+    if args.int8_dynamic:
+        contenders.append(OursContender("int8", threads, int8_method="dynamic"))
     tokenizer = contenders[-1].gen.tokenizer
     text = text_tokens(tokenizer, LONG_PROMPT + 8 * PROMPT)
     long_prompt = text[:LONG_PROMPT]
@@ -128,7 +132,7 @@ def main() -> None:
         res["agreement"] = agreement[c.name]
         results[c.name] = res
     _print_table(results, peak, bw)
-    bars = _check_bars(results, runs, precisions)
+    bars = _check_bars(results, runs, precisions + (["int8-dynamic"] if args.int8_dynamic else []))
     path = write_json("bench_generate", {"threads": threads, "repeats": args.repeats, "new_tokens": new,
                                          "bandwidth": bw, "results": results, "bars": bars,
                                          "note": "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset for this run"})
@@ -169,9 +173,10 @@ def _print_table(results: dict, peak: float, bw: dict) -> None:
 def _check_bars(results: dict, runs: dict, precisions: list[str]) -> list[dict]:
     """Each bar from paired per-repeat ratios (the two runs were adjacent in time), median (p20-p80)."""
     bars = [("rag-engine fp32", "HF transformers fp32", "B1", 2.5)]
-    bars += [(f"rag-engine {p}", f"onnxruntime-genai {p}", "B1", need)
-             for p, need in (("fp32", 1.0), ("int8", 1.0), ("int4", 0.9)) if p in precisions]
-    bars += [(f"rag-engine {p}", f"onnxruntime-genai {p}", "B8", 1.0) for p in precisions]
+    genai = {p: p.split("-")[0] for p in precisions}  # int8-dynamic is measured against genai int8
+    bars += [(f"rag-engine {p}", f"onnxruntime-genai {genai[p]}", "B1", need)
+             for p, need in (("fp32", 1.0), ("int8", 1.0), ("int8-dynamic", 1.0), ("int4", 0.9)) if p in precisions]
+    bars += [(f"rag-engine {p}", f"onnxruntime-genai {genai[p]}", "B8", 1.0) for p in precisions]
     out = []
     print("\n| Must show | ours | theirs | ratio, paired median (p20-p80) | bar | met |\n|---|---|---|---|---|---|")
 
@@ -307,11 +312,15 @@ class GenaiContender:
 class OursContender:
     """rag-engine Generator (cached export), greedy, ignore_eos."""
 
-    def __init__(self, precision: str, threads: int) -> None:
+    def __init__(self, precision: str, threads: int, int8_method: str = "nbits") -> None:
         from rag_engine.generator import Generator
 
-        self.precision, self.name, self.skip = precision, f"rag-engine {precision}", ()
-        self.gen = Generator.from_pretrained("default", precision=precision, threads=threads)
+        if int8_method != "nbits":
+            self.precision = f"{precision}-{int8_method}"
+        else:
+            self.precision = precision
+        self.name, self.skip = f"rag-engine {self.precision}", ()
+        self.gen = Generator.from_pretrained("default", precision=precision, threads=threads, int8_method=int8_method)
         self.bytes_per_token = onnx_weight_bytes(self.gen.session.folder / "model.onnx")
 
     def run(self, prompts: list[list[int]], new: int) -> dict:

@@ -81,14 +81,16 @@ class Generator:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", precision: str = "fp32",
                         threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                        progress: bool = True, **kwargs) -> Generator:
+                        progress: bool = True, int8_method: str = "nbits", **kwargs) -> Generator:
         """Load a Hugging Face folder or a known name ("smollm2-135m-instruct", alias "default").
 
-        Exports (and quantises) on first use; later calls load the cached export.
+        Exports (and quantises) on first use; later calls load the cached export. int8_method:
+        "nbits" (block-32 MatMulNBits, the default) or "dynamic" (quantize_dynamic per-channel
+        weights, activations quantised per tensor: faster in batches, less faithful to fp32).
         """
         from transformers import AutoTokenizer
 
-        config = ExportConfig(precision=precision)  # validates before any conversion work
+        config = ExportConfig(precision=precision, int8_method=int8_method)  # validates before any work
         folder = assets.resolve_model(name_or_path, cache_dir)
 
         def load():
