@@ -78,6 +78,13 @@ def test_unknown_model_path(tmp_path):
         ExportConfig(precision="fp8")
 
 
+def test_bad_export_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="int8_method must be one of"):
+        Generator.from_pretrained(tmp_path / "no-such-model", precision="int8", int8_method="fp8", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Generator.from_pretrained(tmp_path / "no-such-model", precision="int2", cache_dir=tmp_path)
+
+
 def test_unsupported_architecture(tmp_path):
     import transformers
 
