@@ -69,6 +69,7 @@ class EngineConfig:
     max_batch_rows: int = 16  # continuous batching: rows decoded together
     max_batch_tokens: int = 16384  # ... and their prompt + max_tokens positions
     max_waiting: int = 64  # requests queued beyond the running batch (then QueueFullError)
+    max_prefill_tokens: int = 512  # prompt ids prefilled per scheduler step (bounds decode stalls)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("retriever", self.retriever, RETRIEVERS),

@@ -45,7 +45,7 @@ def make_prefix_cache(eng) -> PrefixCache:
 def make_scheduler(eng) -> Scheduler:
     cfg = eng.config
     sched = SchedulerConfig(max_batch_rows=cfg.max_batch_rows, max_batch_tokens=cfg.max_batch_tokens,
-                            max_waiting=cfg.max_waiting)
+                            max_waiting=cfg.max_waiting, max_prefill_tokens=cfg.max_prefill_tokens)
     return Scheduler(eng.generator.session, sched, eng.prefix_cache, eng.generator_lock)
 
 

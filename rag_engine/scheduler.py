@@ -125,7 +125,7 @@ class SchedulerConfig:
     max_batch_rows: int = 16
     max_batch_tokens: int = 16384
     max_waiting: int = 64
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512
     max_len: int = 4096  # positions per cache row (capped by the model's context)
 
     def __post_init__(self) -> None:
