@@ -202,7 +202,8 @@ class Scheduler:
         self._closed = False
         self.counters = dict(requests=0, finished=0, cancelled=0, rejected=0, steps=0,
                              prompt_tokens=0, generated_tokens=0, prefill_calls=0, decode_steps=0,
-                             decode_rows=0, prefill_seconds=0.0, decode_seconds=0.0, cache_grows=0)
+                             decode_rows=0, prefill_seconds=0.0, decode_seconds=0.0, cache_grows=0,
+                             prefill_chunk_breaks=0)
         self._thread = threading.Thread(target=self._loop, name="rag-engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -361,8 +362,12 @@ class Scheduler:
         seqs = [s for r in fresh for s in r.seqs]
         prompts = [p for s in seqs for p in s.prompts]
         start = self.cache.batch
+        # Chunked prefill: while running rows wait, a long prefill is cut into pieces of
+        # max_prefill_tokens ids with one decode step of the running rows after each.
+        between = self._decode_between if self._running else None
         logits = prefill_rows(self.session, self.cache, start, prompts, self.prefix_cache,
-                              [c for s in seqs for c in s.cacheable])
+                              [c for s in seqs for c in s.cacheable],
+                              chunk_tokens=self.config.max_prefill_tokens if between else None, between=between)
         self.cache.batch = start + len(prompts)
         now, row = time.perf_counter(), 0
         for s in seqs:
@@ -376,16 +381,28 @@ class Scheduler:
         for r in fresh:
             self._emit(r)
 
+    def _decode_between(self) -> None:
+        """A decode step of the running rows between two pieces of a chunked prefill."""
+        t0 = time.perf_counter()
+        self.counters["decode_rows"] += self._decode()
+        self.counters["decode_seconds"] += time.perf_counter() - t0
+        self.counters["decode_steps"] += 1
+        self.counters["prefill_chunk_breaks"] += 1
+
     def _decode(self) -> int:
-        """One decode step for every live row; returns the number of rows."""
+        """One decode step for every live row; returns the number of rows.
+
+        Rows that finished since the last drop (possible between prefill chunks) keep their
+        slot in the batch but are neither advanced nor sampled."""
         live = [s for r in self._running for s in r.seqs if s.sampler is not None]
         tokens = np.concatenate([np.full(s.width, s.next_token, np.int64) for s in live])
         lengths = np.concatenate([s.lengths for s in live])
         logits = decode_one_token(self.session, self.cache, tokens, lengths)
         now, row = time.perf_counter(), 0
         for s in live:
-            s.lengths = s.lengths + 1
-            self._sample(s, logits[row:row + s.width], now)
+            if s.row.finish_reason is None:
+                s.lengths = s.lengths + 1
+                self._sample(s, logits[row:row + s.width], now)
             row += s.width
         for r in self._running:
             self._emit(r)

@@ -104,6 +104,29 @@ def test_split_prefill_matches_one_padded_call(session):
     assert_same_generation(session, prompts + [DOC_A.copy()], pc)  # all hit but the last
 
 
+def test_chunked_prefill_matches_one_call(session):
+    """Rows prefilled in pieces of a few ids (with a callback between pieces) give the same outputs,
+    on cold rows and on rows continuing a cached prefix."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 300, n) for n in (3, 40, 17)]
+    calls = []
+    lengths = np.array([len(p) for p in prompts], np.int64)
+    cold = new_cache(session, 3)
+    ref_ids, ref_logits = greedy_run(session, cold, prefill(session, cold, prompts), lengths)
+    for pc in (None, PrefixCache("tiny", PrefixCacheConfig(max_bytes=64 << 20))):
+        for _ in range(2):  # with a prefix cache: first stores, then hits
+            warm = new_cache(session, 3)
+            logits = prefill_rows(session, warm, 0, prompts, pc, [len(p) - 2 for p in prompts],
+                                  chunk_tokens=7, between=lambda: calls.append(1))
+            ids, all_logits = greedy_run(session, warm, logits, lengths)
+            np.testing.assert_array_equal(ids, ref_ids)
+            for a, b in zip(all_logits, ref_logits):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert len(calls) >= 6
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        prefill_rows(session, new_cache(session, 1), 0, prompts[:1], chunk_tokens=0)
+
+
 def test_evictions_keep_outputs_and_the_byte_bound(session):
     spec = session.spec
     per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4

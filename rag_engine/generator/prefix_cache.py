@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,39 +209,77 @@ def plan_runs(lengths: Sequence[int], cached: Sequence[int], max_padded: int | N
 
 
 def prefill_rows(session: DecoderSession, cache: KVCache, start: int, prompts: Sequence[np.ndarray],
-                 prefix_cache: PrefixCache | None = None, cacheable: Sequence[int] | None = None) -> np.ndarray:
+                 prefix_cache: PrefixCache | None = None, cacheable: Sequence[int] | None = None,
+                 chunk_tokens: int | None = None, between: Callable[[], None] | None = None) -> np.ndarray:
     """Prefill ``prompts`` into buffer rows ``[start, start + len(prompts))``; logits ``[B, V]`` (a copy).
 
     With a ``prefix_cache``, row b reuses the longest cached prefix of ``prompts[b]`` and then
     stores its first ``cacheable[b]`` ids (default: none). Rows go through the session in the
-    calls ``plan_runs`` chooses. Outputs equal a cold prefill's.
+    calls ``plan_runs`` chooses. Chunked prefill: when ``chunk_tokens`` is given and more ids
+    than that must be computed, each row is prefilled in pieces of at most ``chunk_tokens`` ids
+    and ``between()`` runs after each ``chunk_tokens`` ids (the scheduler decodes its running
+    rows there, so a long prompt does not stall them). Outputs equal a cold prefill's.
     """
     count = len(prompts)
     cacheable = [0] * count if cacheable is None else list(cacheable)
     if len(cacheable) != count:
         raise ValueError(f"expected one cacheable length per prompt ({count}), got {len(cacheable)}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     # at least the last id is always run: its logits start the generation
     blocks = [prefix_cache.match(p, len(p) - 1) if prefix_cache is not None else [] for p in prompts]
     cached = [load_prefix(cache, start + b, blocks[b]) if blocks[b] else 0 for b in range(count)]
-    max_padded = SCORES_BUDGET_BYTES // (4 * session.spec.num_heads * cache.max_len)
-    runs = plan_runs([len(p) for p in prompts], cached, max(max_padded, 1))
-    if len(runs) == 1 and not cached[0]:
-        whole = start == 0 and count == cache.batch  # the cache itself: no rebinding before decode
-        logits = prefill(session, cache if whole else cache.rows(start, start + count), prompts).copy()
+    todo = sum(len(p) - c for p, c in zip(prompts, cached, strict=True))
+    if chunk_tokens is not None and todo > chunk_tokens:
+        logits = _prefill_chunked(session, cache, start, prompts, cached, chunk_tokens, between)
     else:
-        logits = np.empty((count, session.spec.vocab_size), np.float32)
-        for first, stop in runs:
-            rows = cache.rows(start + first, start + stop)
-            if not cached[first]:
-                logits[first:stop] = prefill(session, rows, prompts[first:stop])
-                continue
-            past, n = cached[first], len(prompts[first])
-            ids = np.ascontiguousarray(prompts[first][past:], np.int64)[None]
-            mask = np.ones((1, n), np.int64)
-            positions = np.arange(past, n, dtype=np.int64)[None]
-            logits[first] = session.run(ids, mask, positions, rows)[0]
+        max_padded = SCORES_BUDGET_BYTES // (4 * session.spec.num_heads * cache.max_len)
+        logits = _prefill_runs(session, cache, start, prompts, cached, max(max_padded, 1))
     if prefix_cache is not None:
         for b, prompt in enumerate(prompts):
             if cacheable[b] > 0:
                 prefix_cache.insert(prompt, cache.buffer[:, :, start + b], min(cacheable[b], len(prompt)))
+    return logits
+
+
+def _prefill_runs(session: DecoderSession, cache: KVCache, start: int, prompts: Sequence[np.ndarray],
+                  cached: list[int], max_padded: int) -> np.ndarray:
+    count = len(prompts)
+    runs = plan_runs([len(p) for p in prompts], cached, max_padded)
+    if len(runs) == 1 and not cached[0]:
+        whole = start == 0 and count == cache.batch  # the cache itself: no rebinding before decode
+        return prefill(session, cache if whole else cache.rows(start, start + count), prompts).copy()
+    logits = np.empty((count, session.spec.vocab_size), np.float32)
+    for first, stop in runs:
+        rows = cache.rows(start + first, start + stop)
+        if not cached[first]:
+            logits[first:stop] = prefill(session, rows, prompts[first:stop])
+            continue
+        logits[first] = _run_piece(session, rows, prompts[first], cached[first], len(prompts[first]))
+    return logits
+
+
+def _run_piece(session: DecoderSession, row: KVCache, prompt: np.ndarray, pos: int, end: int) -> np.ndarray:
+    """Ids ``[pos, end)`` of one row on top of its ``pos`` cached positions; logits ``[V]`` of id end - 1."""
+    ids = np.ascontiguousarray(prompt[pos:end], np.int64)[None]
+    mask = np.ones((1, end), np.int64)
+    positions = np.arange(pos, end, dtype=np.int64)[None]
+    return session.run(ids, mask, positions, row)[0]
+
+
+def _prefill_chunked(session: DecoderSession, cache: KVCache, start: int, prompts: Sequence[np.ndarray],
+                     cached: list[int], chunk_tokens: int, between: Callable[[], None] | None) -> np.ndarray:
+    logits = np.empty((len(prompts), session.spec.vocab_size), np.float32)
+    spent = 0
+    for b, prompt in enumerate(prompts):
+        row, pos, n = cache.rows(start + b, start + b + 1), cached[b], len(prompt)
+        while pos < n:
+            end = min(n, pos + chunk_tokens - spent)
+            logits[b] = _run_piece(session, row, prompt, pos, end)
+            spent += end - pos
+            pos = end
+            if spent >= chunk_tokens:
+                spent = 0
+                if between is not None and (pos < n or b + 1 < len(prompts)):
+                    between()
     return logits
