@@ -271,9 +271,10 @@ class Scheduler:
         c = self.counters
         if fresh:
             self._fit(max(len(p) + s.row.params.max_tokens for r in fresh for s in r.seqs for p in s.prompts))
-            t0 = time.perf_counter()
+            t0, d0 = time.perf_counter(), c["decode_seconds"]
             self._prefill(fresh)
-            c["prefill_seconds"] += time.perf_counter() - t0
+            # decode steps run between prefill pieces are counted as decode, not prefill
+            c["prefill_seconds"] += time.perf_counter() - t0 - (c["decode_seconds"] - d0)
             c["prefill_calls"] += 1
             self._drop()
         if self._running:
