@@ -67,3 +67,35 @@ def test_blockwise_roundtrip_error_is_half_a_step(bits, k):
 def test_quantize_rejects_bad_bits():
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_blockwise(np.ones((32, 4), np.float32), 3)
+
+
+def test_smoothing_is_exact_in_fp32(tmp_path):
+    """The SmoothQuant factors are folded into norms and weights without changing the fp32
+    function: the smoothed fp32 graph's logits equal the original's."""
+    import onnx
+
+    from rag_engine.generator import smooth
+    from rag_engine.generator.export import DATA_FILE, MODEL_FILE, write_manifest
+    from rag_engine.generator.graph import build_graph
+    from rag_engine.generator.session import DecoderSession
+    from rag_engine.generator.spec import read_spec
+
+    model = tiny_model("llama", seed=3)
+    spec, w = read_spec(model)
+    ids = smooth.calibration_ids(model, spec.vocab_size, rows=2, length=32)
+    amax = smooth.activation_absmax(model, ids)
+    assert set(amax) >= {"0.qkv", "1.down", "lm_head"} and all((v >= 0).all() for v in amax.values())
+    smoothed = {k: v.copy() for k, v in w.items()}
+    smooth.smooth_weights(spec, smoothed, amax)
+    assert not np.allclose(smoothed["layers.0.qkv"], w["layers.0.qkv"])
+    outs = []
+    for name, weights in (("plain", w), ("smooth", smoothed)):
+        folder = tmp_path / name
+        folder.mkdir()
+        onnx.save_model(build_graph(spec, weights, all_logits=True), folder / MODEL_FILE, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        write_manifest(folder, spec, ExportConfig(all_logits=True))
+        session = DecoderSession(folder, threads=1)
+        prompts = [np.random.default_rng(1).integers(0, VOCAB, 20)]
+        outs.append(prefill(session, KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, 20), prompts).copy())
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-4 * np.abs(outs[0]).max())

@@ -39,7 +39,8 @@ class ExportConfig:
     """What to export.
 
     precision: "fp32"; "int8" (8-bit weights: MatMulNBits block-wise by default, or
-    ``int8_method="dynamic"`` for ``quantize_dynamic`` per-channel DynamicQuantizeMatMul);
+    ``int8_method="dynamic"`` for ``quantize_dynamic`` per-channel DynamicQuantizeMatMul on
+    SmoothQuant-scaled weights for Llama-family models, see ``smooth.py``);
     "int4" (MatMulNBits, ``block_size`` 32). Quantised graphs also quantise the embedding table
     (shared with lm_head when tied). all_logits: logits for every position instead of each
     row's last one. inputs_embeds: take ``inputs_embeds [B, S, hidden]`` instead of input_ids.
@@ -87,6 +88,11 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     bar = tqdm(total=len(steps), desc="export", disable=not progress)
     bar.set_postfix_str(steps[0])
     spec, weights = read_spec(model)
+    if config.precision == "int8" and config.int8_method == "dynamic" and spec.family != "gpt2":
+        from rag_engine.generator import smooth
+
+        ids = smooth.calibration_ids(model, spec.vocab_size)
+        smooth.smooth_weights(spec, weights, smooth.activation_absmax(model, ids))
     bar.update()
     bar.set_postfix_str(steps[1])
     proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
@@ -186,7 +192,7 @@ def folder_key(folder: Path) -> str:
 def builder_fingerprint() -> str:
     """Hash of the code that shapes an export, so that a changed builder never serves old graphs."""
     digest = hashlib.sha256()
-    for name in ("graph.py", "spec.py", "quant.py", "export.py"):
+    for name in ("graph.py", "spec.py", "quant.py", "smooth.py", "export.py"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 
