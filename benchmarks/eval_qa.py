@@ -51,15 +51,17 @@ def accuracy(texts, qa) -> float:
     return float(np.mean([any(kw.lower() in t.lower() for kw in item["keywords"]) for t, item in zip(texts, qa)]))
 
 
-def build_engine(passage_tokens: int, overlap: int, precision: str):
+def build_engine(passage_tokens: int, overlap: int, precision: str, int8_method: str = "nbits"):
     from rag_engine.cli import pydoc_corpus
     from rag_engine.engine import Engine
 
     path = ROOT / ".cache" / f"eval_index_p{passage_tokens}_o{overlap}"
     if (path / "CURRENT").exists():
-        return Engine.load(path, load_generator=False, generator_precision=precision)
+        return Engine.load(path, load_generator=False, generator_precision=precision,
+                           generator_int8_method=int8_method)
     eng = Engine.from_pretrained("default", load_generator=False, passage_tokens=passage_tokens,
-                                 overlap_tokens=overlap, generator_precision=precision)
+                                 overlap_tokens=overlap, generator_precision=precision,
+                                 generator_int8_method=int8_method)
     ids, texts = pydoc_corpus()
     eng.add_documents(texts, ids=ids, progress=True)
     eng.save(path)
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--passage-tokens", type=int, default=256)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--int8-method", default="nbits", choices=("nbits", "dynamic"))
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--answer-configs", default="none,concat1,concat2,rag_token2",
                    help="comma list of none | concat<k> | rag_token<k> | rag_sequence<k>")
@@ -87,7 +90,7 @@ def main() -> None:
     args = p.parse_args()
     qa = load_qa(args.limit)
     ok = containing_topics()
-    eng = build_engine(args.passage_tokens, args.overlap, args.precision)
+    eng = build_engine(args.passage_tokens, args.overlap, args.precision, args.int8_method)
     questions = [item["question"] for item in qa]
     result = {"questions": len(qa), "passage_tokens": args.passage_tokens, "overlap": args.overlap,
               "retrieval": {}, "answers": {}}

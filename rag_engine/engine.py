@@ -45,6 +45,7 @@ class EngineConfig:
     encoder_precision: str = "fp32"
     generator: str = "default"
     generator_precision: str = "fp32"
+    generator_int8_method: str = "nbits"  # or "dynamic" (faster, less faithful: see README)
     index_dtype: str = "fp32"
     # Measured on benchmarks/eval_qa.py: 256-token passages beat 128 in recall@1 (0.65 vs 0.56,
     # hybrid) and answer accuracy (0.29 vs 0.24, SmolLM2-135M, top-1 passage in the prompt).
@@ -137,7 +138,8 @@ class Engine:
     @staticmethod
     def _load_generator(config: EngineConfig) -> Generator:
         return Generator.from_pretrained(config.generator, precision=config.generator_precision,
-                                         threads=config.threads, cache_dir=config.cache_dir)
+                                         threads=config.threads, cache_dir=config.cache_dir,
+                                         int8_method=config.generator_int8_method)
 
     @property
     def generator(self) -> Generator:
