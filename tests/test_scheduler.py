@@ -155,15 +155,16 @@ def test_cache_grows_on_demand_with_rows_in_flight(generator, monkeypatch):  # n
 def test_chunked_prefill_decodes_running_rows_between_pieces(generator):  # noqa: F811
     """A long prompt joining a running batch is prefilled in pieces of max_prefill_tokens ids,
     with a decode step of the running rows after each piece; every output equals its solo run."""
-    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    params = [SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)]
     prompts = [PROMPTS[0], PROMPTS[4] * 2]
     alone = [generator.generate([p], sp)[0] for p, sp in zip(prompts, params)]
     sched = Scheduler(generator.session, SchedulerConfig(max_batch_rows=3, max_prefill_tokens=8))
     try:
         first = sched.submit(request(generator, prompts[0], params[0]))
-        deltas = first.deltas(timeout=60)
-        next(deltas)  # decoding
+        deadline = time.time() + 30
+        while sched.stats()["generated_tokens"] < 1 and time.time() < deadline:
+            time.sleep(0.0005)  # until the first request is decoding (it has 200 tokens to go)
         before = sched.stats()["generated_tokens"]
         second = sched.submit(request(generator, prompts[1], params[1]))
         rows = [first.result(timeout=60), second.result(timeout=60)]
