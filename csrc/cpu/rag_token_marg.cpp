@@ -69,19 +69,17 @@ int64_t marg_row(const RagTokenMargArgs& a, const MargKernels& kern, int64_t b, 
       // read next: document i + 1 of this chunk, else document 0 of the next chunk
       const int64_t ni = i + 1 < a.k ? i + 1 : 0, nch = i + 1 < a.k ? ch : ch + 1;
       const float* next = nch < nchunks ? a.logits + (b * a.k + ni) * a.v + nch * kChunk : nullptr;
-      kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
-                          &pm[slot], &ps[slot], kept + i * e_stride + v0,
-                          next != nullptr && nch * kChunk + kChunk <= a.v ? next : nullptr);
+      kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, std::min(kChunk, a.v - v0), a.inv_temperature,
+                     &pm[slot], &ps[slot], kept + i * e_stride + v0,
+                     next != nullptr && nch * kChunk + kChunk <= a.v ? next : nullptr);
     }
   const int64_t bad = doc_offsets(a.log_alpha + b * a.k, pm + base, ps + base, a.k, nchunks, c);
   if (bad >= 0) return bad;
   // Pass 2 walks the chunks backwards: the last ones written by pass 1 are still in L2.
-  std::vector<float> m(static_cast<size_t>(a.k));
   for (int64_t ch = nchunks - 1; ch >= 0; --ch) {
     const int64_t v0 = ch * kChunk;
-    for (int64_t i = 0; i < a.k; ++i) m[static_cast<size_t>(i)] = pm[base + static_cast<size_t>(i * nchunks + ch)];
-    kern.combine_kept(kept + v0, e_stride, a.logits + b * a.k * a.v + v0, a.v, c, m.data(), a.k,
-                      std::min(kChunk, a.v - v0), a.inv_temperature, a.out + b * a.v + v0);
+    kern.combine(kept + v0, e_stride, a.logits + b * a.k * a.v + v0, a.v, c, pm + base + ch, nchunks, a.k,
+                 std::min(kChunk, a.v - v0), a.inv_temperature, a.out + b * a.v + v0);
   }
   return -1;
 }
@@ -127,7 +125,7 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
 #pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
   {
     const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    std::vector<float> c(static_cast<size_t>(a.k)), m(static_cast<size_t>(a.k));
+    std::vector<float> c(static_cast<size_t>(a.k));
     int64_t first_bad = std::numeric_limits<int64_t>::max();
     for (int64_t g0 = 0; g0 < a.b; g0 += group) {
       const int64_t items = (std::min(a.b, g0 + group) - g0) * nchunks;
@@ -143,9 +141,9 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
           const int64_t nit = i + 1 < a.k ? it : it + 1;
           const int64_t nb = g0 + nit / nchunks, nch = nit % nchunks, ni = i + 1 < a.k ? i + 1 : 0;
           const bool prefetch = nit < it1 && (nch + 1) * kChunk <= a.v;
-          kern.lse_chunk_keep(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot],
-                              kept + ((it - it0) * a.k + i) * kChunk,
-                              prefetch ? a.logits + (nb * a.k + ni) * a.v + nch * kChunk : nullptr);
+          kern.lse_chunk(a.logits + (b * a.k + i) * a.v + v0, n, a.inv_temperature, &pm[slot], &ps[slot],
+                         kept + ((it - it0) * a.k + i) * kChunk,
+                         prefetch ? a.logits + (nb * a.k + ni) * a.v + nch * kChunk : nullptr);
         }
       }
 #pragma omp barrier
@@ -159,10 +157,9 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
           have = b;
         }
         const int64_t v0 = ch * kChunk, n = std::min(kChunk, a.v - v0);
-        for (int64_t i = 0; i < a.k; ++i)
-          m[static_cast<size_t>(i)] = pm[static_cast<size_t>((b * a.k + i) * nchunks + ch)];
-        kern.combine_kept(kept + (it - it0) * a.k * kChunk, kChunk, a.logits + b * a.k * a.v + v0, a.v, c.data(),
-                          m.data(), a.k, n, a.inv_temperature, a.out + b * a.v + v0);
+        kern.combine(kept + (it - it0) * a.k * kChunk, kChunk, a.logits + b * a.k * a.v + v0, a.v, c.data(),
+                     &pm[static_cast<size_t>(b * a.k * nchunks + ch)], nchunks, a.k, n, a.inv_temperature,
+                     a.out + b * a.v + v0);
       }
     }
     int64_t cur = bad.load();

@@ -58,21 +58,18 @@ int64_t rag_token_sample_cpu(const RagTokenMargArgs& args, const RagTokenSampleA
 
 // Per-ISA pieces (rag_token_marg_{scalar,avx2,avx512}.cpp).
 struct MargKernels {
-  // *m = max_t x_t * it (-inf if every x_t is -inf), *s = Σ_t exp(x_t * it - *m).
-  void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s);
-  // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n.
-  void (*combine)(const float* x, int64_t stride, const float* c, int64_t k, int64_t n, float it,
-                  float* out);
+  // *m = max_t x_t * it (-inf if every x_t is -inf), *s = Σ_t exp(x_t * it - *m), and the
+  // kept exponentials e[t] = exp(x_t * it - *m); `next`: the chunk the caller reads next
+  // (prefetched into L2 meanwhile), or null.
+  void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
+  // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n, from the kept exponentials
+  // e[i * e_stride + t] and each row's chunk max m[i * m_stride] (x is read only for the rare
+  // tokens recomputed exactly).
+  void (*combine)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
+                  const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out);
   // w[t] = exp(z[t] - shift); returns Σ_t w[t].
   double (*exp_shift)(const float* z, int64_t n, float shift, float* w);
   float (*max)(const float* x, int64_t n);
-  // lse_chunk that also writes e[t] = exp(x_t * it - *m) (the kept exponentials).
-  // `next`: the chunk the caller reads next (prefetched into L2 meanwhile), or null.
-  void (*lse_chunk_keep)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
-  // combine() from the kept exponentials: e[i * e_stride + t] and each row's chunk max m[i]
-  // (x still needed for the rare tokens recomputed exactly).
-  void (*combine_kept)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
-                       const float* m, int64_t k, int64_t n, float it, float* out);
 };
 
 MargKernels marg_kernels_scalar();

@@ -31,43 +31,18 @@ float max_of(const float* x, int64_t n) {
   return S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)));
 }
 
-// Max pass, then Σ exp pass over the same (L1-resident) chunk. NaN or +Inf
-// anywhere makes the sum NaN, which is how the driver detects them.
+// Max pass, then Σ exp pass over the same (L1-resident) chunk, keeping each
+// e_t = exp(x_t * it - *m) in `e` (0 where x_t = -inf) so that the combination pass
+// needs no exp of its own. NaN or +Inf anywhere makes the sum NaN, which is how the
+// driver detects them. `next` (or null): the chunk read after this one, prefetched meanwhile.
 template <class S>
-void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out) {
-  using V = typename S::V;
-  constexpr int W = S::W;
-  const float mx = max_of<S>(x, n) * it;
-  *m_out = mx;
-  if (mx == -kInf) {  // every entry -inf: contributes nothing (and avoids -inf - -inf)
-    *s_out = 0.0f;
-    return;
-  }
-  const V itv = S::set1(it), neg = S::set1(-mx);
-  V s0 = S::zero(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t j = 0;
-  for (; j + 4 * W <= n; j += 4 * W) {
-    s0 = S::add(s0, S::exp(S::fma(S::load(x + j), itv, neg)));
-    s1 = S::add(s1, S::exp(S::fma(S::load(x + j + W), itv, neg)));
-    s2 = S::add(s2, S::exp(S::fma(S::load(x + j + 2 * W), itv, neg)));
-    s3 = S::add(s3, S::exp(S::fma(S::load(x + j + 3 * W), itv, neg)));
-  }
-  for (; j + W <= n; j += W) s0 = S::add(s0, S::exp(S::fma(S::load(x + j), itv, neg)));
-  if (j < n) s1 = S::add(s1, S::exp(S::fma(S::load_n_or(x + j, n - j, -kInf), itv, neg)));
-  *s_out = S::hsum(S::add(S::add(s0, s1), S::add(s2, s3)));
-}
-
-// lse_chunk that also keeps e_t = exp(x_t * it - *m) in `e` (0 where x_t = -inf),
-// so that the combination pass needs no exp of its own; `next` (or null): the chunk
-// read after this one, prefetched meanwhile.
-template <class S>
-void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e,
+void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e,
                     const float* next) {
   using V = typename S::V;
   constexpr int W = S::W;
   const float mx = max_of<S>(x, n) * it;
   *m_out = mx;
-  if (mx == -kInf) {
+  if (mx == -kInf) {  // every entry -inf: contributes nothing (and avoids -inf - -inf)
     for (int64_t j = 0; j < n; ++j) e[j] = 0.0f;
     *s_out = 0.0f;
     return;
@@ -98,7 +73,7 @@ void lse_chunk_keep(const float* x, int64_t n, float it, float* m_out, float* s_
 // Per token: y_i = x_i * it + c_i, out = m + log Σ_i exp(y_i - m) with m = max_i y_i
 // (floored at -FLT_MAX so a token that is -inf everywhere gives -inf, not NaN).
 template <class S>
-void combine(const float* x, int64_t stride, const float* c, int64_t k, int64_t n, float it,
+void combine_exact(const float* x, int64_t stride, const float* c, int64_t k, int64_t n, float it,
              float* out) {
   using V = typename S::V;
   constexpr int W = S::W;
@@ -124,26 +99,26 @@ void combine(const float* x, int64_t stride, const float* c, int64_t k, int64_t 
   }
 }
 
-// combine() from the kept exponentials: with e_it = exp(x_it * it - m_i) (m_i the
+// The combination from the kept exponentials: with e_it = exp(x_it * it - m_i) (m_i the
 // chunk max of row i), exp(y_it) = exp(c_i + m_i) e_it, so out[t] = M + log Σ_i w_i e_it
 // with M = max_i (c_i + m_i) and w_i = exp(c_i + m_i - M) <= 1: K multiply-adds and
 // one log per token instead of K exps. Where that sum is below 2^-90 (a token far
 // below every row's chunk max, whose e_it lost precision or underflowed) the lanes
 // are recomputed exactly by the per-token-max formula.
 template <class S>
-void combine_kept(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
-                  const float* m, int64_t k, int64_t n, float it, float* out) {
+void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
+             const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out) {
   using V = typename S::V;
   constexpr int W = S::W;
   constexpr int kMaxK = 64;
   float w[kMaxK];
   float big = -kInf;
-  for (int64_t i = 0; i < k; ++i) big = c[i] + m[i] > big ? c[i] + m[i] : big;
+  for (int64_t i = 0; i < k; ++i) big = c[i] + m[i * m_stride] > big ? c[i] + m[i * m_stride] : big;
   if (k > kMaxK || big == -kInf) {  // many documents, or no finite term in the chunk
-    combine<S>(x, stride, c, k, n, it, out);
+    combine_exact<S>(x, stride, c, k, n, it, out);
     return;
   }
-  for (int64_t i = 0; i < k; ++i) w[i] = m[i] == -kInf ? 0.0f : std::exp(c[i] + m[i] - big);
+  for (int64_t i = 0; i < k; ++i) w[i] = m[i * m_stride] == -kInf ? 0.0f : std::exp(c[i] + m[i * m_stride] - big);
   const V bigv = S::set1(big), tiny = S::set1(0x1p-90f);
   for (int64_t j = 0; j < n; j += W) {
     const int64_t cnt = n - j < W ? n - j : W;
@@ -155,7 +130,7 @@ void combine_kept(const float* e, int64_t e_stride, const float* x, int64_t stri
     if (cnt == W && S::hmax(S::sub(tiny, acc)) < 0.0f) {
       S::store(out + j, S::add(bigv, S::log(acc)));
     } else {  // some lane too small for the factored form (or the tail): exact for this vector
-      combine<S>(x + j, stride, c, k, cnt, it, out + j);
+      combine_exact<S>(x + j, stride, c, k, cnt, it, out + j);
     }
   }
 }
@@ -189,7 +164,7 @@ double exp_shift(const float* z, int64_t n, float shift, float* w) {
 
 template <class S>
 MargKernels make_marg_kernels() {
-  return MargKernels{&lse_chunk<S>, &combine<S>, &exp_shift<S>, &max_of<S>, &lse_chunk_keep<S>, &combine_kept<S>};
+  return MargKernels{&lse_chunk<S>, &combine<S>, &exp_shift<S>, &max_of<S>};
 }
 
 }  // namespace
