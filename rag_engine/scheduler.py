@@ -278,10 +278,7 @@ class Scheduler:
             c["prefill_calls"] += 1
             self._drop()
         if self._running:
-            t0 = time.perf_counter()
-            c["decode_rows"] += self._decode()
-            c["decode_seconds"] += time.perf_counter() - t0
-            c["decode_steps"] += 1
+            self._timed_decode()
         c["steps"] += 1
 
     def _new_cache(self, length: int) -> KVCache:
@@ -299,7 +296,7 @@ class Scheduler:
             length *= 2
         grown = self._new_cache(min(length, self.max_len))
         rows = self.cache.batch
-        used = max((int(s.lengths.max()) for r in self._running for s in r.seqs if s.sampler is not None), default=0)
+        used = _positions_used(self._running)
         if rows and used:
             grown.buffer[:, :, :rows, :, :used] = self.cache.buffer[:, :, :rows, :, :used]
         grown.batch = rows
@@ -334,7 +331,7 @@ class Scheduler:
                 running.append(req)
         assert start == self.cache.batch, (start, self.cache.batch)
         if len(keep_rows) < start:
-            used = max((int(s.lengths.max()) for r in running for s in r.seqs if s.sampler is not None), default=0)
+            used = _positions_used(running)
             self.cache.keep(np.array(keep_rows, np.int64), used=used)
             self.cache.batch = len(keep_rows)
         self._running = running
@@ -382,12 +379,15 @@ class Scheduler:
         for r in fresh:
             self._emit(r)
 
-    def _decode_between(self) -> None:
-        """A decode step of the running rows between two pieces of a chunked prefill."""
+    def _timed_decode(self) -> None:
         t0 = time.perf_counter()
         self.counters["decode_rows"] += self._decode()
         self.counters["decode_seconds"] += time.perf_counter() - t0
         self.counters["decode_steps"] += 1
+
+    def _decode_between(self) -> None:
+        """A decode step of the running rows between two pieces of a chunked prefill."""
+        self._timed_decode()
         self.counters["prefill_chunk_breaks"] += 1
 
     def _decode(self) -> int:
@@ -430,6 +430,11 @@ class Scheduler:
             delta = s.row.take_delta()
             if delta:
                 req.handle.push(delta)
+
+
+def _positions_used(requests: Sequence[Request]) -> int:
+    """Cache positions holding KV in the rows of ``requests`` (the longest row)."""
+    return max((int(s.lengths.max()) for r in requests for s in r.seqs if s.sampler is not None), default=0)
 
 
 def single_seq(row: Row, cacheable: int = 0) -> Seq:
