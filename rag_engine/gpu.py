@@ -43,7 +43,7 @@ def as_tensor(op: str, name: str, x: Any):
     if isinstance(x, torch.Tensor):
         return x.detach()
     if hasattr(x, "__cuda_array_interface__"):
-        return torch.as_tensor(x, device="cuda")
+        return torch.as_tensor(x)  # a view on the array's own device (check_devices refuses a mismatch)
     if hasattr(x, "__dlpack__"):
         return torch.from_dlpack(x)
     if isinstance(x, np.ndarray):

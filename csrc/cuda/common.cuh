@@ -104,6 +104,7 @@ __device__ __forceinline__ void report_bad(unsigned long long* bad, int64_t inde
 struct DeviceLimits {
   int sms = 1;
   int smem_optin = 48 << 10;  // bytes of dynamic shared memory one block may opt into
+  int smem_per_sm = 64 << 10;  // bytes of shared memory on one SM (all resident blocks)
 };
 
 DeviceLimits device_limits();

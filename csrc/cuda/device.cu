@@ -10,8 +10,10 @@ DeviceLimits device_limits() {
   if (cudaGetDevice(&dev) != cudaSuccess) return lim;
   cudaDeviceGetAttribute(&lim.sms, cudaDevAttrMultiProcessorCount, dev);
   cudaDeviceGetAttribute(&lim.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&lim.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   if (lim.sms < 1) lim.sms = 1;
   if (lim.smem_optin < (48 << 10)) lim.smem_optin = 48 << 10;
+  if (lim.smem_per_sm < lim.smem_optin) lim.smem_per_sm = lim.smem_optin;
   return lim;
 }
 

@@ -78,7 +78,8 @@ __global__ void __launch_bounds__(kThreads) fusion_softmax_kernel(const FusionSo
 
 size_t fusion_softmax_cuda_smem(int64_t d, int64_t k, const char** error) {
   const size_t bytes = static_cast<size_t>(2 * d + k) * sizeof(float);
-  if (bytes > static_cast<size_t>(cuda::device_limits().smem_optin)) {
+  // + the kernel's static reduction scratch (32 floats)
+  if (bytes + 32 * sizeof(float) > static_cast<size_t>(cuda::device_limits().smem_optin)) {
     *error = "2*D + K floats exceed the shared memory of one block";
     return 0;
   }

@@ -291,7 +291,8 @@ bool make_plan(int64_t nq, int64_t d, int64_t n, int64_t k, Plan* p, const char*
   // One wave of CTAs over (query blocks x chunks); a chunk keeps >= 4 rounds
   // of rows and >= kp rows so its kp winners are worth merging.
   const int64_t qblocks = ceil_div(nq, p->qb);
-  const int64_t per_sm = std::max<int64_t>(1, (lim.smem_optin * 2 / 3) / static_cast<int64_t>(p->scan_smem));
+  // blocks resident per SM by shared memory (the runtime reserves 1 KiB per block)
+  const int64_t per_sm = std::max<int64_t>(1, lim.smem_per_sm / static_cast<int64_t>(p->scan_smem + 1024));
   const int64_t target = lim.sms * std::min<int64_t>(per_sm, 4);
   const int64_t min_rows = std::max<int64_t>(4 * kRoundRows, p->kp);
   int64_t chunks = std::max<int64_t>(1, target / qblocks);
