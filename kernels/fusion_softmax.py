@@ -37,7 +37,7 @@ def _fusion_softmax_kernel(u_ptr, docs_ptr, ids_ptr, scale_ptr, mask_ptr, alpha_
             valid = valid & (row >= 0)
             row = tl.maximum(row, 0)
         # the row is in bounds (clamped above), so load it and zero it when the slot is empty
-        x = tl.load(docs_ptr + row * d + rd, mask=dmask, other=0).to(tl.float32)
+        x = tl.load(docs_ptr + row.to(tl.int64) * d + rd, mask=dmask, other=0).to(tl.float32)
         x = tl.where(valid, x, 0.0)
         scale = 1.0
         if HAS_SCALE:

@@ -25,7 +25,7 @@ def _lse_partial_kernel(x_ptr, pm_ptr, ps_ptr, bad_ptr, v, chunk, splits, inv_t,
     start = split * chunk
     for v0 in range(0, chunk, BV):
         rv = start + v0 + tl.arange(0, BV)
-        x = tl.load(x_ptr + row * v + rv, mask=(rv < v) & (v0 + tl.arange(0, BV) < chunk),
+        x = tl.load(x_ptr + row.to(tl.int64) * v + rv, mask=(rv < v) & (v0 + tl.arange(0, BV) < chunk),
                     other=float("-inf")).to(tl.float32) * inv_t
         flagged = flagged | (x != x) | (x == float("inf"))
         x = tl.where(x == float("inf"), float("-inf"), tl.where(x != x, float("-inf"), x))
@@ -59,14 +59,14 @@ def _combine_kernel(x_ptr, la_ptr, pm_ptr, ps_ptr, out_ptr, bad_ptr, k, v, split
         tl.atomic_min(bad_ptr, tl.where(empty, row.to(tl.int64), 2**62))
         lse = top + tl.log(tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - top), 0.0), 0))
         c = tl.where(empty, float("-inf"), tl.load(la_ptr + row) - lse)
-        x = tl.load(x_ptr + row * v + rv, mask=vmask, other=float("-inf")).to(tl.float32) * inv_t + c
+        x = tl.load(x_ptr + row.to(tl.int64) * v + rv, mask=vmask, other=float("-inf")).to(tl.float32) * inv_t + c
         x = tl.where(x != x, float("-inf"), x)  # NaN/+Inf rows are already flagged
         m_new = tl.maximum(m, x)
         live = m_new > float("-inf")
         s = tl.where(live, s * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
         m = m_new
     out = tl.where(m > float("-inf"), m + tl.log(s), float("-inf"))
-    tl.store(out_ptr + b * v + rv, out, mask=vmask)
+    tl.store(out_ptr + b.to(tl.int64) * v + rv, out, mask=vmask)
 
 
 def rag_token_marg(log_alpha, logits, inv_temperature: float, programs: int):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 EMPTY_KEY = -(2**63)  # below every real key; decodes to (-inf, -1)
-MAX_K = 1024          # larger k: the caller's two-pass torch path
+MAX_K = 128  # larger k: the caller's two-pass torch path (a [16, BN] sort of more spills)
 
 
 @triton.jit
@@ -47,13 +47,13 @@ def _topk_ip_kernel(q_ptr, c_ptr, scale_ptr, allow_ptr, keys_ptr, bad_ptr, nq, n
             rd = d0 + tl.arange(0, BD)
             dmask = rd < d
             qt = tl.load(q_ptr + rq[:, None] * d + rd[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
-            ct = tl.load(c_ptr + rn[:, None] * d + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
+            ct = tl.load(c_ptr + rn.to(tl.int64)[:, None] * d + rd[None, :], mask=nmask[:, None] & dmask[None, :], other=0)
             acc = tl.dot(qt, tl.trans(ct.to(tl.float32)), acc, input_precision=PRECISION)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rn, mask=nmask, other=0.0)[None, :]
         live = qmask[:, None] & nmask[None, :]
         finite = tl.abs(acc) <= 3.4028234663852886e38  # False for NaN and +-Inf
-        bad_rows = tl.where(live & ~finite, rn[None, :].to(tl.int64), n.to(tl.int64))
+        bad_rows = tl.where(live & ~finite, rn[None, :].to(tl.int64), n)  # n: int, or a constant when N = 1
         tl.atomic_min(bad_ptr, tl.min(tl.min(bad_rows, 1), 0))
         ok = live & finite
         if HAS_ALLOW:
@@ -89,5 +89,5 @@ def topk_ip_keys(queries, corpus, scales, allow, kp: int, programs: int, interpr
         queries, corpus, scales if scales is not None else queries, allow if allow is not None else queries,
         keys, bad, nq, n, d, triton.cdiv(ntiles, programs),
         HAS_SCALE=scales is not None, HAS_ALLOW=allow is not None, BQ=bq, BN=bn, BD=bd, KP=kp,
-        PRECISION="ieee" if exact else "tf32x3")
+        PRECISION="ieee" if exact else "tf32x3", num_warps=8)
     return keys, bad

@@ -123,17 +123,20 @@ def _topk_torch(op, q, c: DeviceCorpus, kk, allow, chunk: int = 1 << 16):
     """Two passes per chunk of rows: fp32 matmul, then top-k over (chunk + kept) keys."""
     torch = require_torch()
     best = torch.full((q.shape[0], 0), gpu.EMPTY_KEY, dtype=torch.int64, device=q.device)
+    first_bad = torch.full((), c.n, dtype=torch.int64, device=q.device)  # read once, after the scan
     for a in range(0, c.n, chunk):
         b = min(c.n, a + chunk)
         s = q @ c.rows(a, b).T
-        bad = ~torch.isfinite(s).all(0)
-        if bool(bad.any()):
-            _raise_bad_row(op, a + int(torch.nonzero(bad)[0][0]))
-        keys = gpu.pack_keys(s, torch.arange(a, b, device=q.device)[None, :])
+        rows = torch.arange(a, b, device=q.device)
+        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(s).all(0), c.n, rows).min())
+        keys = gpu.pack_keys(s, rows[None, :])
         if allow is not None:
             keys = keys.masked_fill(~allow[None, a:b], gpu.EMPTY_KEY)
         best = torch.cat([best, keys], 1)
         best = torch.topk(best, min(kk, best.shape[1]), dim=1).values
+    row = int(first_bad.item())
+    if row != c.n:
+        _raise_bad_row(op, row)
     return gpu.select_keys(best, kk)
 
 
@@ -198,11 +201,11 @@ def _fusion(op, backend, h_in, W_a, mask, return_scores, docs, scales, ids):
         out = (z, torch.zeros((0, dim), device=dev), z)
     elif backend == "cuda":
         out = _fusion_cuda(op, u.contiguous(), docs, scales, ids, m, k)
-    elif backend == "triton":
+    elif backend == "triton" and dim <= gpu.require_kernels().FUSION_MAX_D:
         with _interpret_errstate():
             *out, bad = gpu.require_kernels().fusion_softmax(u.contiguous(), docs, ids, scales, m)
         _check_slot(op, int(bad.item()), 2**62, k)
-    else:
+    else:  # torch, or a row too long for the Triton kernel's registers
         out = _fusion_torch(op, u, docs, scales, ids, m, k)
     return tuple(out) if return_scores else tuple(out[:2])
 
@@ -270,11 +273,13 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
     if tuple(la.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{op}: log_alpha must be [B, K] = {list(x.shape[:2])} (from logits), "
                          f"got {list(la.shape)}")
-    if bool(torch.isnan(la).any() | (la == float("inf")).any()) or not bool(torch.isfinite(la).any(1).all()):
-        raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
+    # read together with the kernels' flag below: one host sync per call
+    la_bad = (torch.isnan(la) | (la == float("inf"))).any() | ~torch.isfinite(la).any(1).all()
     b, k, v = x.shape
     it = 1.0 / temperature
     if b == 0:
+        if bool(la_bad):
+            raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
         return torch.empty((0, v), device=dev)
     if backend == "cuda":
         ext = gpu.require_cuda_ext()
@@ -294,7 +299,9 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
         rows = (torch.isnan(xf) | (xf == float("inf"))).any(-1) | ~torch.isfinite(xf).any(-1)
         bad = torch.nonzero(rows.reshape(-1))[:1].reshape(-1)
         bad, sentinel = (bad, -1) if bad.numel() else (gpu.new_bad(dev, -1), -1)
-    row = int(bad.item())
+    row, la_bad = torch.stack([bad.reshape(()), la_bad.to(torch.int64)]).tolist()
+    if la_bad:
+        raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
     if row != sentinel:
         raise ValueError(f"{op}: logits row (b={row // k}, k={row % k}) contains NaN or +Inf, "
                          "or has no finite value")

@@ -98,12 +98,15 @@ fi
 tail -1 "$OUT/build.log"
 
 # ---- tests and benchmark -------------------------------------------------------
-xdist=()
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
-step tests 200 tests.log "$PY" -m pytest tests/test_gpu_ops.py tests/test_triton_kernels.py -q -rs \
-  --tb=short --durations=15 -p no:cacheprovider "${xdist[@]}"
-step bench 240 bench.log env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONUNBUFFERED=1 \
-  "$PY" benchmarks/bench_gpu_ops.py --n "${GPU_CHECK_N:-10000000}" --out "$OUT"
+# Each test's verdict is printed as it ends (-v), so a run cut off by its limit
+# still says what passed; a per-test limit keeps one slow compile from eating it.
+pyt=(-m pytest -v -rfEs --tb=short --durations=10 -p no:cacheprovider -p no:randomly)
+"$PY" -c "import xdist" 2>/dev/null && pyt+=(-n 4)
+"$PY" -c "import pytest_timeout" 2>/dev/null && pyt+=(--timeout=120)
+step tests 150 tests.log "$PY" "${pyt[@]}" tests/test_gpu_ops.py tests/test_triton_kernels.py -k "not triton"
+step bench 200 bench.log env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONUNBUFFERED=1 \
+  "$PY" benchmarks/bench_gpu_ops.py --n "${GPU_CHECK_N:-10000000}" --profile --out "$OUT"
+step tests-triton 180 tests.log "$PY" "${pyt[@]}" tests/test_gpu_ops.py -k "triton"
 
 # ---- summary -------------------------------------------------------------------
 printf '%s\n' "${STEPS[@]}" >"$WORK/steps.txt"
@@ -124,7 +127,7 @@ lines += [f"  {k:22s} {'ok' if v['ok'] else 'FAILED rc=' + v['rc']} ({v['seconds
 tests = out / "tests.log"
 if tests.exists():
     t = tests.read_text().strip().splitlines()
-    lines += ["  tests: " + (t[-1] if t else "(empty log)")]
+    lines += ["  tests: " + s for s in t if s.startswith("=") and (" passed" in s or " failed" in s)]
     lines += ["  " + s for s in t if s.startswith(("FAILED", "ERROR"))][:40]
 bl = out / "bench.log"
 lines += ["", bl.read_text()] if bl.exists() else []

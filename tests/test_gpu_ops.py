@@ -17,6 +17,7 @@ from rag_engine import _ext, gpu_ops, ops
 from rag_engine.gpu import DeviceCorpus
 
 pytestmark = pytest.mark.gpu
+torch.backends.cuda.matmul.allow_tf32 = False  # the torch references are fp32 matmuls (the default; pinned)
 
 
 def backends():
