@@ -7,7 +7,9 @@ exactly, and as IEEE fp32 for an fp32 corpus), then become 64-bit keys
 (order-preserving score bits, inverted row id) so that one integer sort
 orders by score and breaks ties by the lower id. The program keeps its best
 BN keys per query: sort the tile, take the elementwise max against the
-reversed running best (the top half of a bitonic merge), sort again. Pass 2
+reversed running best (the top half of a bitonic merge), sort again; a
+tile with no key above any query's current KP-th best skips both sorts (after
+the first tiles, nearly all of them on real data). Pass 2
 (`select_keys`, torch) picks the k best of the programs' winners.
 """
 
@@ -39,6 +41,7 @@ def _topk_ip_kernel(q_ptr, c_ptr, scale_ptr, allow_ptr, keys_ptr, bad_ptr, nq, n
     rq = pid_q * BQ + tl.arange(0, BQ)
     qmask = rq < nq
     best = tl.full([BQ, BN], -(2**63), tl.int64)
+    cols = tl.arange(0, BN)
     for t in range(0, tiles_per_prog):
         rn = (pid_n + t * nprog) * BN + tl.arange(0, BN)
         nmask = rn < n
@@ -59,9 +62,12 @@ def _topk_ip_kernel(q_ptr, c_ptr, scale_ptr, allow_ptr, keys_ptr, bad_ptr, nq, n
         if HAS_ALLOW:
             ok = ok & (tl.load(allow_ptr + rn, mask=nmask, other=0) != 0)[None, :]
         keys = tl.where(ok, pack_keys(acc, rn[None, :]), -(2**63))
-        new = tl.sort(keys, dim=1, descending=True)
-        best = tl.sort(tl.maximum(best, tl.flip(new, dim=1)), dim=1, descending=True)
-    cols = tl.arange(0, BN)
+        # Threshold: the query's KP-th best key so far (best is sorted). Once the
+        # kept set is full, most tiles hold no key above it and skip both sorts.
+        kth = tl.max(tl.where(cols[None, :] == KP - 1, best, -(2**63)), 1)
+        if tl.max(tl.max(tl.where(keys > kth[:, None], 1, 0), 1), 0) > 0:
+            new = tl.sort(keys, dim=1, descending=True)
+            best = tl.sort(tl.maximum(best, tl.flip(new, dim=1)), dim=1, descending=True)
     out = keys_ptr + (rq[:, None] * nprog + pid_n) * KP + cols[None, :]
     tl.store(out, best, mask=qmask[:, None] & (cols < KP)[None, :])
 

@@ -10,6 +10,7 @@ torch tensors on that device, with the same contracts as the CPU ops.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,16 @@ def _programs(device: Any, per_sm: int = 4) -> int:
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _on_device(device: Any):
+    """`torch.cuda.device(device)`, or nothing when it is already current (saves a set/restore per call)."""
+    torch = require_torch()
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _run_cuda(device: Any, fn, *args) -> None:
-    with require_torch().cuda.device(device):
+    with _on_device(device):
         fn(*args, gpu.stream_handle(device))
 
 
@@ -92,7 +101,7 @@ def _topk_cuda(op, q, c: DeviceCorpus, k, allow):
     scores = torch.empty((nq, kk), dtype=torch.float32, device=q.device)
     ids = torch.empty((nq, kk), dtype=torch.int64, device=q.device)
     bitmap = None if allow is None else gpu.pack_bits(allow)
-    with torch.cuda.device(q.device):
+    with _on_device(q.device):
         ws_bytes = ext.topk_ip_workspace(nq, d, c.dtype, c.n, k)
     ws = torch.empty(max(ws_bytes, 8), dtype=torch.uint8, device=q.device)
     bad = gpu.new_bad(q.device, -1)
@@ -194,20 +203,35 @@ def _fusion(op, backend, h_in, W_a, mask, return_scores, docs, scales, ids):
         check_tensor(op, "mask", m, 2, ("bool",))
         if tuple(m.shape) != (b, k):
             raise ValueError(f"{op}: mask must be [B, K] = [{b}, {k}], got {list(m.shape)}")
-    check_finite(op, "h_in", h)
+    if backend == "torch" or b == 0:
+        check_finite(op, "h_in", h)
+        h_ok = None
+    else:  # read with the kernel's flag: one host sync per call
+        h_ok = torch.isfinite(h).all()
     u = h if w is None else h @ w  # u[b] = W_aᵀ h_in[b]: one GEMM for the batch
     if b == 0:
         z = torch.zeros((0, k), device=dev)
         out = (z, torch.zeros((0, dim), device=dev), z)
     elif backend == "cuda":
-        out = _fusion_cuda(op, u.contiguous(), docs, scales, ids, m, k)
+        *out, bad = _fusion_cuda(op, u.contiguous(), docs, scales, ids, m, k)
+        _check_fusion(op, h, h_ok, bad, -1, k)
     elif backend == "triton" and dim <= gpu.require_kernels().FUSION_MAX_D:
         with _interpret_errstate():
             *out, bad = gpu.require_kernels().fusion_softmax(u.contiguous(), docs, ids, scales, m)
-        _check_slot(op, int(bad.item()), 2**62, k)
-    else:  # torch, or a row too long for the Triton kernel's registers
+        _check_fusion(op, h, h_ok, bad, 2**62, k)
+    else:
+        if h_ok is not None:
+            check_finite(op, "h_in", h)  # torch, or a row too long for the Triton kernel's registers
         out = _fusion_torch(op, u, docs, scales, ids, m, k)
     return tuple(out) if return_scores else tuple(out[:2])
+
+
+def _check_fusion(op, h, h_ok, bad, sentinel, k) -> None:
+    torch = require_torch()
+    slot, ok = torch.stack([bad.reshape(()), h_ok.to(torch.int64)]).tolist()
+    if not ok:
+        check_finite(op, "h_in", h)  # raises, naming the row
+    _check_slot(op, slot, sentinel, k)
 
 
 def _check_slot(op: str, slot: int, sentinel: int, k: int) -> None:
@@ -228,8 +252,7 @@ def _fusion_cuda(op, u, docs, scales, ids, m, k):
     n = docs.shape[0] if ids is not None else 0
     _run_cuda(u.device, ext.fusion_softmax, ptr(u), b, dim, k, ptr(docs), dtype, ptr(scales), ptr(ids), n,
               ptr(None if m is None else m.view(torch.uint8)), ptr(alpha), ptr(h_aug), ptr(scores), ptr(bad))
-    _check_slot(op, int(bad.item()), -1, k)
-    return alpha, h_aug, scores
+    return alpha, h_aug, scores, bad
 
 
 def _fusion_torch(op, u, docs, scales, ids, m, k):
@@ -274,7 +297,8 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
         raise ValueError(f"{op}: log_alpha must be [B, K] = {list(x.shape[:2])} (from logits), "
                          f"got {list(la.shape)}")
     # read together with the kernels' flag below: one host sync per call
-    la_bad = (torch.isnan(la) | (la == float("inf"))).any() | ~torch.isfinite(la).any(1).all()
+    # a row's max is NaN or +inf if the row holds one, -inf if the row has no finite entry
+    la_bad = ~torch.isfinite(la.amax(1)).all() if la.numel() else torch.zeros((), dtype=torch.bool, device=dev)
     b, k, v = x.shape
     it = 1.0 / temperature
     if b == 0:
@@ -284,7 +308,7 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
     if backend == "cuda":
         ext = gpu.require_cuda_ext()
         out = torch.empty((b, v), dtype=torch.float32, device=dev)
-        with torch.cuda.device(dev):
+        with _on_device(dev):
             ws = torch.empty(max(8, ext.rag_token_marg_workspace(b, k, v)), dtype=torch.uint8, device=dev)
         bad, sentinel = gpu.new_bad(dev, -1), -1
         _run_cuda(dev, ext.rag_token_marg, ptr(la), ptr(x), gpu.storage_name(x), b, k, v, it, ptr(out), ptr(ws), ws.numel(),

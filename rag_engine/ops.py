@@ -2,8 +2,9 @@
 
 `ops.<op>(..., backend=None)` picks the implementation: the `backend=`
 argument, else the RAG_ENGINE_BACKEND environment variable, else the best
-available for the inputs' device (CUDA tensors: cuda -> triton; otherwise:
-cpu (C++ extension) -> torch). A backend asked for explicitly that is not
+available for the inputs' device (CUDA tensors: cuda -> triton, with topk_ip
+on 16 or more queries going to triton when it is there; otherwise: cpu (C++
+extension) -> torch). A backend asked for explicitly that is not
 available raises BackendUnavailableError: never a silent fallback.
 """
 
@@ -23,6 +24,10 @@ from rag_engine.errors import BackendUnavailableError
 from rag_engine.gpu import DEVICE_BACKENDS
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+# topk_ip on CUDA tensors, backend chosen automatically: from this many queries
+# the Triton kernel (tensor-core dot) beats the CUDA one (H100: Q=16 27.9 vs
+# 34.2 ms, Q=256 425 vs 548 ms at N=10M, D=768 bf16; Q=1 the CUDA scan, 6.1 ms).
+TRITON_TOPK_MIN_QUERIES = 16
 BACKEND_ENV = "RAG_ENGINE_BACKEND"
 THREADS_ENV = "RAG_ENGINE_NUM_THREADS"
 
@@ -223,6 +228,10 @@ def topk_ip(
     on_cuda = is_cuda(queries) or (not isinstance(corpus, CorpusMatrix) and is_cuda(corpus))
     name = resolve_backend(op, backend, _TOPK_IP_BACKENDS, on_cuda)
     if on_cuda:  # CUDA tensors in, CUDA tensors out (rag_engine.gpu_ops)
+        shape = getattr(queries, "shape", ())
+        if (name == "cuda" and backend is None and not _backend_env() and len(shape) == 2
+                and shape[0] >= TRITON_TOPK_MIN_QUERIES and _AVAILABLE["triton"]()):
+            name = "triton"  # tensor-core tiles (the CUDA scan runs on FMA units)
         return gpu_ops.topk_ip(name, queries, corpus, check_k(op, k), ids_filter)
     q = float32_matrix(op, "queries", queries, allow_1d=True)
     c = CorpusMatrix.wrap(corpus, op)
