@@ -27,7 +27,6 @@ from rag_engine.gpu import (
 )
 
 _FLOATS = ("float32", "bfloat16", "float16")
-ROW_FLAG = 1 << 62  # the CUDA kernels' error slot for a whole batch row: ROW_FLAG + b (csrc/cuda/common.cuh)
 
 
 def _programs(device: Any, per_sm: int = 4) -> int:
@@ -204,10 +203,10 @@ def _fusion(op, backend, h_in, W_a, mask, return_scores, docs, scales, ids):
         check_tensor(op, "mask", m, 2, ("bool",))
         if tuple(m.shape) != (b, k):
             raise ValueError(f"{op}: mask must be [B, K] = [{b}, {k}], got {list(m.shape)}")
-    h_ok = None  # cuda: the kernel flags a non-finite u = W_aᵀ h_in row itself
     if backend == "torch" or b == 0:
         check_finite(op, "h_in", h)
-    elif backend != "cuda":  # read with the kernel's flag: one host sync per call
+        h_ok = None
+    else:  # read with the kernel's flag: one host sync per call
         h_ok = torch.isfinite(h).all()
     u = h if w is None else h @ w  # u[b] = W_aᵀ h_in[b]: one GEMM for the batch
     if b == 0:
@@ -215,13 +214,7 @@ def _fusion(op, backend, h_in, W_a, mask, return_scores, docs, scales, ids):
         out = (z, torch.zeros((0, dim), device=dev), z)
     elif backend == "cuda":
         *out, bad = _fusion_cuda(op, u.contiguous(), docs, scales, ids, m, k)
-        slot = int(bad.item())
-        if slot != -1:
-            check_finite(op, "h_in", h)  # names the h_in row when h_in is the cause
-            if slot >= ROW_FLAG:
-                raise ValueError(f"{op}: W_aᵀ h_in is non-finite in row b={slot - ROW_FLAG} "
-                                 "(NaN/Inf in W_a, or float32 overflow)")
-            _check_slot(op, slot, -1, k)
+        _check_fusion(op, h, h_ok, bad, -1, k)
     elif backend == "triton" and dim <= gpu.require_kernels().FUSION_MAX_D:
         with _interpret_errstate():
             *out, bad = gpu.require_kernels().fusion_softmax(u.contiguous(), docs, ids, scales, m)
@@ -303,17 +296,15 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
     if tuple(la.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{op}: log_alpha must be [B, K] = {list(x.shape[:2])} (from logits), "
                          f"got {list(la.shape)}")
+    # read together with the kernels' flag below: one host sync per call
+    # a row's max is NaN or +inf if the row holds one, -inf if the row has no finite entry
+    la_bad = ~torch.isfinite(la.amax(1)).all() if la.numel() else torch.zeros((), dtype=torch.bool, device=dev)
     b, k, v = x.shape
     it = 1.0 / temperature
     if b == 0:
+        if bool(la_bad):
+            raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
         return torch.empty((0, v), device=dev)
-
-    def la_invalid():  # a row's max is NaN/+inf if the row holds one, -inf if no entry is finite
-        return ~torch.isfinite(la.amax(1)).all()
-
-    # cuda: the combine kernel flags log_alpha rows itself (bad = ROW_FLAG + b); the
-    # others read this check with the kernels' flag: one host sync per call either way
-    la_bad = None if backend == "cuda" else la_invalid()
     if backend == "cuda":
         ext = gpu.require_cuda_ext()
         out = torch.empty((b, v), dtype=torch.float32, device=dev)
@@ -332,12 +323,8 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
         rows = (torch.isnan(xf) | (xf == float("inf"))).any(-1) | ~torch.isfinite(xf).any(-1)
         bad = torch.nonzero(rows.reshape(-1))[:1].reshape(-1)
         bad, sentinel = (bad, -1) if bad.numel() else (gpu.new_bad(dev, -1), -1)
-    if la_bad is None:
-        row = int(bad.item())
-        la_err = row != sentinel and bool(la_invalid())  # looked at on the error path only
-    else:
-        row, la_err = torch.stack([bad.reshape(()), la_bad.to(torch.int64)]).tolist()
-    if la_err:
+    row, la_bad = torch.stack([bad.reshape(()), la_bad.to(torch.int64)]).tolist()
+    if la_bad:
         raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
     if row != sentinel:
         raise ValueError(f"{op}: logits row (b={row // k}, k={row % k}) contains NaN or +Inf, "

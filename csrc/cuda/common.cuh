@@ -93,10 +93,6 @@ __device__ __forceinline__ MaxSum block_merge(MaxSum v, MaxSum* scratch) {
 }
 
 // Records the smallest bad index seen (non-finite score, bad id) for the host.
-// Flag for an error of a whole batch row (bad = kRowFlag + b) rather than of one
-// element: above every element index, so an element's error is the one kept.
-constexpr unsigned long long kRowFlag = 1ull << 62;
-
 __device__ __forceinline__ void report_bad(unsigned long long* bad, int64_t index) {
   if (bad != nullptr) atomicMin(bad, static_cast<unsigned long long>(index));
 }

@@ -62,26 +62,18 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t v, int64_t splits, float it, float* out, unsigned long long* bad) {
   extern __shared__ float c[];
   const int64_t b = blockIdx.y;
-  bool weight = false;  // log_alpha: finite or -inf, and a finite entry in every row
-  bool broken = false;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const int64_t row = b * k + i;
-    const float la = log_alpha[row];
-    weight |= isfinite(la);
-    broken |= isnan(la) || la == INFINITY;
     MaxSum st{-INFINITY, 0.f};
     for (int64_t s = 0; s < splits; ++s) st = cuda::merge(st, partial[row * splits + s]);
     if (st.m == -INFINITY) {  // no finite logit in the row: no distribution
       if (blockIdx.x == 0) cuda::report_bad(bad, row);
       c[i] = -INFINITY;
     } else {
-      c[i] = la - (st.m + logf(st.s));
+      c[i] = log_alpha[row] - (st.m + logf(st.s));
     }
   }
-  const bool any_weight = __syncthreads_or(weight);
-  const bool any_broken = __syncthreads_or(broken);
-  if ((!any_weight || any_broken) && blockIdx.x == 0 && threadIdx.x == 0)
-    cuda::report_bad(bad, static_cast<int64_t>(cuda::kRowFlag) + b);
+  __syncthreads();
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kThreads * kTokensPerThread + threadIdx.x;
 #pragma unroll
   for (int j = 0; j < kTokensPerThread; ++j) {
