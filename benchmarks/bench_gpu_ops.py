@@ -129,19 +129,12 @@ def profile(label: str, fn, iters: int = 20) -> None:
     Separates what the kernels cost from launch and Python overhead: a call whose
     host time exceeds its kernels' time is bound by the host, not the GPU.
     """
-    import time
-
     import torch
+    from bench_gpu_overhead import per_call
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    host = (time.perf_counter() - t0) / iters
+    host = per_call(fn, iters) / 1e6
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
