@@ -183,6 +183,10 @@ def bench_topk(args, rows, peak):
     for nq in (1, 16, 256) if not args.quick else (1, 16):
         q = torch.randn(nq, d, device="cuda")
         ref_s, ref_i = ops.topk_ip(q, corpus, 10, backend="torch")
+        # ours: fp32 scores; the torch baselines round their scores to bf16 / fp16, so
+        # near-equal 10th/11th rows may swap by up to two of those ulps
+        smax = float(ref_s.abs().max())
+        tols = {"torch-matmul-topk": 2 * 2**-8 * smax, "torch-fp16-matmul-topk": 2 * 2**-11 * smax}
         contenders = {f"ours-{b}": (lambda b=b, q=q: ops.topk_ip(q, corpus, 10, backend=b)) for b in args.backends}
         contenders["torch-matmul-topk"] = lambda q=q: torch_topk(q, c, 10)
         contenders["torch-fp16-matmul-topk"] = lambda q=q: torch_topk(q, c16, 10)
@@ -195,11 +199,7 @@ def bench_topk(args, rows, peak):
                 continue
             ids = res[1]
             ids = torch.as_tensor(np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids), device="cuda")
-            # ours: fp32 scores; the torch baselines round their scores to bf16 / fp16, so
-            # near-equal 10th/11th rows may swap by up to two of those ulps
-            smax = float(ref_s.abs().max())
-            tol = {"torch-matmul-topk": 2 * 2**-8 * smax, "torch-fp16-matmul-topk": 2 * 2**-11 * smax}.get(
-                name, 1e-3 if name.startswith("ours") else 2e-2)
+            tol = tols.get(name, 1e-3 if name.startswith("ours") else 2e-2)
             if not check_ids(name, q, c, ids, ref_i, tol=tol):
                 continue
             t = cuda_time(fn, args.repeat)

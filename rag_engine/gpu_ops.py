@@ -203,32 +203,37 @@ def _fusion(op, backend, h_in, W_a, mask, return_scores, docs, scales, ids):
         check_tensor(op, "mask", m, 2, ("bool",))
         if tuple(m.shape) != (b, k):
             raise ValueError(f"{op}: mask must be [B, K] = [{b}, {k}], got {list(m.shape)}")
-    if backend == "torch" or b == 0:
-        check_finite(op, "h_in", h)
-        h_ok = None
-    else:  # read with the kernel's flag: one host sync per call
+    # torch, or a row too long for the Triton kernel's registers: the torch expressions
+    kernel = backend == "cuda" or (backend == "triton" and dim <= gpu.require_kernels().FUSION_MAX_D)
+    if kernel and b > 0:  # read with the kernel's flag (_check_fusion): one host sync per call
         h_ok = torch.isfinite(h).all()
+    else:
+        check_finite(op, "h_in", h)
     u = h if w is None else h @ w  # u[b] = W_aᵀ h_in[b]: one GEMM for the batch
     if b == 0:
         z = torch.zeros((0, k), device=dev)
         out = (z, torch.zeros((0, dim), device=dev), z)
+    elif not kernel:
+        out = _fusion_torch(op, u, docs, scales, ids, m, k)
     elif backend == "cuda":
         *out, bad = _fusion_cuda(op, u.contiguous(), docs, scales, ids, m, k)
         _check_fusion(op, h, h_ok, bad, -1, k)
-    elif backend == "triton" and dim <= gpu.require_kernels().FUSION_MAX_D:
+    else:
         with _interpret_errstate():
             *out, bad = gpu.require_kernels().fusion_softmax(u.contiguous(), docs, ids, scales, m)
         _check_fusion(op, h, h_ok, bad, 2**62, k)
-    else:
-        if h_ok is not None:
-            check_finite(op, "h_in", h)  # torch, or a row too long for the Triton kernel's registers
-        out = _fusion_torch(op, u, docs, scales, ids, m, k)
     return tuple(out) if return_scores else tuple(out[:2])
 
 
-def _check_fusion(op, h, h_ok, bad, sentinel, k) -> None:
+def _read_flags(bad: Any, flag: Any) -> tuple[int, int]:
+    """A kernel's error slot and a bool check computed beside it, read in one host sync."""
     torch = require_torch()
-    slot, ok = torch.stack([bad.reshape(()), h_ok.to(torch.int64)]).tolist()
+    slot, value = torch.stack([bad.reshape(()), flag.to(torch.int64)]).tolist()
+    return slot, value
+
+
+def _check_fusion(op, h, h_ok, bad, sentinel, k) -> None:
+    slot, ok = _read_flags(bad, h_ok)
     if not ok:
         check_finite(op, "h_in", h)  # raises, naming the row
     _check_slot(op, slot, sentinel, k)
@@ -296,15 +301,13 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
     if tuple(la.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{op}: log_alpha must be [B, K] = {list(x.shape[:2])} (from logits), "
                          f"got {list(la.shape)}")
-    # read together with the kernels' flag below: one host sync per call
-    # a row's max is NaN or +inf if the row holds one, -inf if the row has no finite entry
-    la_bad = ~torch.isfinite(la.amax(1)).all() if la.numel() else torch.zeros((), dtype=torch.bool, device=dev)
     b, k, v = x.shape
     it = 1.0 / temperature
-    if b == 0:
-        if bool(la_bad):
-            raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
+    if b == 0:  # log_alpha is [0, K]: nothing to check
         return torch.empty((0, v), device=dev)
+    # read together with the kernels' flag below: one host sync per call
+    # a row's max is NaN or +inf if the row holds one, -inf if the row has no finite entry
+    la_bad = ~torch.isfinite(la.amax(1)).all()
     if backend == "cuda":
         ext = gpu.require_cuda_ext()
         out = torch.empty((b, v), dtype=torch.float32, device=dev)
@@ -323,7 +326,7 @@ def rag_token_marg(backend: str, log_alpha: Any, logits: Any, temperature: float
         rows = (torch.isnan(xf) | (xf == float("inf"))).any(-1) | ~torch.isfinite(xf).any(-1)
         bad = torch.nonzero(rows.reshape(-1))[:1].reshape(-1)
         bad, sentinel = (bad, -1) if bad.numel() else (gpu.new_bad(dev, -1), -1)
-    row, la_bad = torch.stack([bad.reshape(()), la_bad.to(torch.int64)]).tolist()
+    row, la_bad = _read_flags(bad, la_bad)
     if la_bad:
         raise ValueError(f"{op}: log_alpha must be finite or -inf with a finite entry per row")
     if row != sentinel:
