@@ -55,7 +55,8 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, 
       __builtin_prefetch(next + j, 0, 2);
       if (2 * W * sizeof(float) > 64) __builtin_prefetch(next + j + W, 0, 2);
     }
-    const V e0 = S::exp(S::fma(S::load(x + j), itv, neg)), e1 = S::exp(S::fma(S::load(x + j + W), itv, neg));
+    const V e0 = S::exp_nonpos(S::fma(S::load(x + j), itv, neg));
+    const V e1 = S::exp_nonpos(S::fma(S::load(x + j + W), itv, neg));
     S::store(e + j, e0);
     S::store(e + j + W, e1);
     s0 = S::add(s0, e0);
@@ -63,7 +64,7 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, 
   }
   for (; j < n; j += W) {
     const int64_t cnt = n - j < W ? n - j : W;
-    const V e0 = S::exp(S::fma(S::load_n_or(x + j, cnt, -kInf), itv, neg));
+    const V e0 = S::exp_nonpos(S::fma(S::load_n_or(x + j, cnt, -kInf), itv, neg));
     S::store_n(e + j, e0, cnt);
     s0 = S::add(s0, e0);
   }
@@ -127,7 +128,7 @@ void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, c
       const float* p = e + i * e_stride + j;
       acc = S::fma(S::set1(w[i]), cnt == W ? S::load(p) : S::load_n(p, cnt), acc);
     }
-    if (cnt == W && S::hmax(S::sub(tiny, acc)) < 0.0f) {
+    if (cnt == W && S::all_gt(acc, tiny)) {
       S::store(out + j, S::add(bigv, S::log(acc)));
     } else {  // some lane too small for the factored form (or the tail): exact for this vector
       combine_exact<S>(x + j, stride, c, k, cnt, it, out + j);

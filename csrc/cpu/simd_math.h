@@ -79,6 +79,7 @@ struct SimdAvx512 {
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static bool all_gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) == 0xffff; }  // NaN: false
   static V gt_select(V a, V b, V x, V y) {  // a > b ? x : y
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
   }
@@ -110,7 +111,10 @@ struct SimdAvx512 {
   static void store_n(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
   static V exp(V x) {
     // Clamp first (operand order keeps NaN); scalef turns 2^n into 0/denormal/inf exactly.
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-110.0f), x));
+    return exp_nonpos(_mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  }
+  static V exp_nonpos(V x) {  // exp for x <= 89 (or NaN): no upper clamp needed
+    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
     const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
@@ -164,6 +168,7 @@ struct SimdAvx2 {
     return _mm_cvtss_f32(s);
   }
   static V gt_select(V a, V b, V x, V y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static bool all_gt(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) == 0xff; }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const Bf16Bits* p) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -189,12 +194,13 @@ struct SimdAvx2 {
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_n(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, tail_mask(n), v); }
-  static V exp(V x) {
+  static V exp(V x) { return exp_nonpos(_mm256_min_ps(_mm256_set1_ps(88.3f), x)); }
+  static V exp_nonpos(V x) {  // exp for x <= 88.3 (or NaN)
     // 2^n is built in the exponent field, valid for n >= -126: below -87.3 the
     // result is set to 0 (the exact answer is < 1.2e-38).
     const V lo = _mm256_set1_ps(-87.3f);
     const V under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));
+    x = _mm256_max_ps(lo, x);
     const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
@@ -248,6 +254,7 @@ struct SimdScalar {
   static float hsum(V v) { return v; }
   static float hmax(V v) { return v; }
   static V gt_select(V a, V b, V x, V y) { return a > b ? x : y; }
+  static bool all_gt(V a, V b) { return a > b; }
   static V load(const float* p) { return *p; }
   static V load(const Bf16Bits* p) {
     const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
@@ -265,6 +272,7 @@ struct SimdScalar {
     if (n > 0) *p = v;
   }
   static V exp(V x) { return std::exp(x); }
+  static V exp_nonpos(V x) { return std::exp(x); }
   static V log(V x) { return std::log(x); }
 };
 #endif  // scalar
