@@ -323,3 +323,21 @@ def test_dispatch_sees_environment_changes_at_run_time(monkeypatch):
     assert ops.resolve_threads("topk_ip", None) == 0 and ops.resolve_threads("topk_ip", 2) == 2
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         ops.resolve_threads("topk_ip", 0)
+
+
+def test_dispatch_auto_preference_only_when_nothing_was_asked(monkeypatch):
+    """An op's own preference (topk_ip: many CUDA queries -> triton) applies to the
+    default choice only: an explicit backend= or RAG_ENGINE_BACKEND wins."""
+    seen = []
+
+    def prefer_torch(name):
+        seen.append(name)
+        return "torch"
+
+    monkeypatch.delenv("RAG_ENGINE_BACKEND", raising=False)
+    assert ops.resolve_backend("topk_ip", None, ("cpu", "torch"), False, auto=prefer_torch) == "torch"
+    assert seen == ["cpu"]  # it is handed the default
+    assert ops.resolve_backend("topk_ip", "cpu", ("cpu", "torch"), False, auto=prefer_torch) == "cpu"
+    monkeypatch.setenv("RAG_ENGINE_BACKEND", "cpu")
+    assert ops.resolve_backend("topk_ip", None, ("cpu", "torch"), False, auto=prefer_torch) == "cpu"
+    assert seen == ["cpu"]
