@@ -88,13 +88,29 @@ def test_extreme_logits(scale, isa):
     assert np.isneginf(out[0, 500])  # banned everywhere
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_chunk_max_far_above_its_head(isa):
+    """Pass 1 shifts each chunk by its first vector's max and redoes the chunk with the
+    true max when that lies more than 64 above it; heads of -inf take the max pass."""
+    log_alpha, logits = make_inputs(2, 3, 9000, seed=3)
+    logits[0, 0, :16] = -200.0
+    logits[0, 0, 5000] = 150.0  # second chunk: its head is ordinary, this is 150 above it
+    logits[0, 1, 100] = 90.0  # 90 above its chunk's head: redone
+    logits[1, 2, :40] = -np.inf
+    logits[1, 0, 4096:4112] = -np.inf  # a whole first vector of the second chunk
+    out = ops.rag_token_marg(log_alpha, logits, backend="cpu", isa=isa, threads=2)
+    check_marg(out, log_alpha, logits, 1.0)
+    np.testing.assert_array_equal(out, ops.rag_token_marg(log_alpha, logits, backend="cpu", isa=isa, threads=1))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_bad_input(backend):
     log_alpha, logits = make_inputs(2, 3, 50)
     call = functools.partial(ops.rag_token_marg, backend=backend)
-    for value, where in ((np.nan, "b=1, k=2"), (np.inf, "b=1, k=2")):
+    for value, where, t in ((np.nan, "b=1, k=2", 7), (np.inf, "b=1, k=2", 7), (np.nan, "b=0, k=1", 40),
+                            (np.inf, "b=0, k=1", 40)):  # in the first vector of a chunk, and after it
         bad = logits.copy()
-        bad[1, 2, 7] = value
+        bad[int(where[2]), int(where[7]), t] = value
         with pytest.raises(ValueError, match=rf"rag_token_marg: logits row \({where}\) contains NaN or \+Inf"):
             call(log_alpha, bad)
     bad = logits.copy()

@@ -3,8 +3,9 @@
 //   out[b, t] = logsumexp_i( log_alpha[b, i] + log_softmax(logits[b, i, :] / T)[t] )
 //
 // Two streaming passes over V per (b, i), never a [B, K, V] temporary:
-//  1. per chunk of V, the max and Σ exp(x/T - max) of every document row
-//     (one exp per logit), merged over chunks into lse_i = log Σ_t exp(x_t/T);
+//  1. per chunk of V, a shift (the chunk's head max, or its max when the chunk
+//     rises more than 64 above that) and Σ exp(x/T - shift) of every document row
+//     (one exp per logit, one pass), merged over chunks into lse_i = log Σ_t exp(x_t/T);
 //  2. per chunk, for each token, a logsumexp over the K values
 //     log_alpha_i - lse_i + x_i/T. Pass 1 keeps its exponentials in a per-thread
 //     scratch (K chunks of 16 KiB per work item, L2-resident), so pass 2 only
@@ -58,9 +59,9 @@ int64_t rag_token_sample_cpu(const RagTokenMargArgs& args, const RagTokenSampleA
 
 // Per-ISA pieces (rag_token_marg_{scalar,avx2,avx512}.cpp).
 struct MargKernels {
-  // *m = max_t x_t * it (-inf if every x_t is -inf), *s = Σ_t exp(x_t * it - *m), and the
-  // kept exponentials e[t] = exp(x_t * it - *m); `next`: the chunk the caller reads next
-  // (prefetched into L2 meanwhile), or null.
+  // *m = a shift with x_t * it - *m <= 64 for every t (-inf if every x_t is -inf), *s =
+  // Σ_t exp(x_t * it - *m), and the kept exponentials e[t] = exp(x_t * it - *m); `next`:
+  // the chunk the caller reads next (prefetched into L2 meanwhile), or null.
   void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
   // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n, from the kept exponentials
   // e[i * e_stride + t] and each row's chunk max m[i * m_stride] (x is read only for the rare

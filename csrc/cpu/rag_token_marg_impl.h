@@ -31,32 +31,27 @@ float max_of(const float* x, int64_t n) {
   return S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)));
 }
 
-// Max pass, then Σ exp pass over the same (L1-resident) chunk, keeping each
-// e_t = exp(x_t * it - *m) in `e` (0 where x_t = -inf) so that the combination pass
-// needs no exp of its own. NaN or +Inf anywhere makes the sum NaN, which is how the
-// driver detects them. `next` (or null): the chunk read after this one, prefetched meanwhile.
-template <class S>
-void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e,
-                    const float* next) {
+// e[t] = exp(x_t * it - shift) for the chunk, returning Σ e[t] (and, through *mx,
+// max_t x_t * it when `track`). NaN anywhere makes the sum NaN.
+template <class S, bool kTrack>
+float exp_pass(const float* x, int64_t n, float it, float shift, float* e, const float* next, float* mx) {
   using V = typename S::V;
   constexpr int W = S::W;
-  const float mx = max_of<S>(x, n) * it;
-  *m_out = mx;
-  if (mx == -kInf) {  // every entry -inf: contributes nothing (and avoids -inf - -inf)
-    for (int64_t j = 0; j < n; ++j) e[j] = 0.0f;
-    *s_out = 0.0f;
-    return;
-  }
-  const V itv = S::set1(it), neg = S::set1(-mx);
-  V s0 = S::zero(), s1 = s0;
+  const V itv = S::set1(it), neg = S::set1(-shift);
+  V s0 = S::zero(), s1 = s0, m0 = S::set1(-kInf), m1 = m0;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
     if (next != nullptr) {  // the next chunk comes into L2 while this one is exp-bound
       __builtin_prefetch(next + j, 0, 2);
       if (2 * W * sizeof(float) > 64) __builtin_prefetch(next + j + W, 0, 2);
     }
-    const V e0 = S::exp_nonpos(S::fma(S::load(x + j), itv, neg));
-    const V e1 = S::exp_nonpos(S::fma(S::load(x + j + W), itv, neg));
+    const V x0 = S::load(x + j), x1 = S::load(x + j + W);
+    if (kTrack) {
+      m0 = S::max(m0, x0);
+      m1 = S::max(m1, x1);
+    }
+    const V e0 = S::exp_nonpos(S::fma(x0, itv, neg));
+    const V e1 = S::exp_nonpos(S::fma(x1, itv, neg));
     S::store(e + j, e0);
     S::store(e + j + W, e1);
     s0 = S::add(s0, e0);
@@ -64,11 +59,45 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, 
   }
   for (; j < n; j += W) {
     const int64_t cnt = n - j < W ? n - j : W;
-    const V e0 = S::exp_nonpos(S::fma(S::load_n_or(x + j, cnt, -kInf), itv, neg));
+    const V x0 = S::load_n_or(x + j, cnt, -kInf);
+    if (kTrack) m0 = S::max(m0, x0);
+    const V e0 = S::exp_nonpos(S::fma(x0, itv, neg));
     S::store_n(e + j, e0, cnt);
     s0 = S::add(s0, e0);
   }
-  *s_out = S::hsum(S::add(s0, s1));
+  if (kTrack) *mx = S::hmax(S::max(m0, m1)) * it;
+  return S::hsum(S::add(s0, s1));
+}
+
+// The chunk's (shift, Σ exp(x_t * it - shift)), keeping each e_t = exp(x_t * it - shift)
+// in `e` (0 where x_t = -inf) so that the combination pass needs no exp of its own.
+// One pass: the shift is the first vector's max, and the pass also finds the chunk's
+// max; only where that lies more than 64 above the shift (the sum could overflow) is
+// the chunk redone with its max as the shift. NaN or +Inf anywhere makes the sum NaN
+// (or +Inf), which is how the driver detects them. `next` (or null): the chunk read
+// after this one, prefetched meanwhile.
+template <class S>
+void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, float* e,
+               const float* next) {
+  constexpr int W = S::W;
+  constexpr float kHeadroom = 64.0f;  // 4096 terms of up to e^64 stay far below FLT_MAX
+  float shift = S::hmax(S::load_n_or(x, n < W ? n : W, -kInf)) * it, mx = kInf;
+  if (shift > -kInf && shift < kInf) {
+    const float sum = exp_pass<S, true>(x, n, it, shift, e, next, &mx);
+    if (mx - shift <= kHeadroom) {
+      *m_out = shift;
+      *s_out = sum;
+      return;
+    }
+  }
+  shift = mx == kInf ? max_of<S>(x, n) * it : mx;  // a NaN head: the max pass decides
+  *m_out = shift;
+  if (shift == -kInf) {  // every entry -inf: contributes nothing (and avoids -inf - -inf)
+    for (int64_t j = 0; j < n; ++j) e[j] = 0.0f;
+    *s_out = 0.0f;
+    return;
+  }
+  *s_out = exp_pass<S, false>(x, n, it, shift, e, nullptr, nullptr);
 }
 
 // Per token: y_i = x_i * it + c_i, out = m + log Σ_i exp(y_i - m) with m = max_i y_i
@@ -101,11 +130,11 @@ void combine_exact(const float* x, int64_t stride, const float* c, int64_t k, in
 }
 
 // The combination from the kept exponentials: with e_it = exp(x_it * it - m_i) (m_i the
-// chunk max of row i), exp(y_it) = exp(c_i + m_i) e_it, so out[t] = M + log Σ_i w_i e_it
-// with M = max_i (c_i + m_i) and w_i = exp(c_i + m_i - M) <= 1: K multiply-adds and
-// one log per token instead of K exps. Where that sum is below 2^-90 (a token far
-// below every row's chunk max, whose e_it lost precision or underflowed) the lanes
-// are recomputed exactly by the per-token-max formula.
+// chunk shift of row i, at most 64 below its max), exp(y_it) = exp(c_i + m_i) e_it, so
+// out[t] = M + log Σ_i w_i e_it with M = max_i (c_i + m_i) and w_i = exp(c_i + m_i - M)
+// <= 1: K multiply-adds and one log per token instead of K exps. Where that sum is below
+// 2^-90 (a token far below every row's shift, whose e_it lost precision or underflowed)
+// the lanes are recomputed exactly by the per-token-max formula.
 template <class S>
 void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
              const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out) {
