@@ -27,7 +27,7 @@ bool c_contiguous(const py::array& a) {
 void check_array(const char* op, const char* name, const py::array& a, int ndim, char kind,
                  py::ssize_t itemsize, const char* expected_dtype) {
   if (a.dtype().kind() != kind || a.itemsize() != itemsize)
-    throw py::type_error(cat_message(op, name, " must have dtype ", expected_dtype, ", got ",
+    throw py::type_error(cat_message(op, name, " must be ", expected_dtype, ", got ",
                                      std::string(py::str(a.dtype()))));
   RAG_CHECK(op, a.ndim() == ndim, name, " must be ", ndim, "-D, got ", a.ndim(), "-D");
   RAG_CHECK(op, c_contiguous(a), name, " must be C-contiguous");

@@ -189,10 +189,13 @@ def test_nonfinite_inputs_raise(backend):
     assert np.isfinite(ops.fusion_softmax(h, bad, mask=mask, backend=backend)[1]).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "default, threads=1"])
 def test_bad_input(backend):
+    """Also through the default call with plain float32 arrays and a thread count,
+    which goes straight to the extension: its checks give the same errors."""
     h, docs, mask = inputs(3, 5, 96)
-    call = functools.partial(ops.fusion_softmax, backend=backend)
+    how = {"threads": 1} if backend.startswith("default") else {"backend": backend}
+    call = functools.partial(ops.fusion_softmax, **how)
     with pytest.raises(TypeError, match="fusion_softmax: h_in must be float32, got float64"):
         call(h.astype(np.float64), docs)
     with pytest.raises(TypeError, match="fusion_softmax: docs must be float32 or float16 or bfloat16"):
@@ -211,8 +214,12 @@ def test_bad_input(backend):
         call(h, docs, mask=mask.astype(np.uint8))
     with pytest.raises(ValueError, match="fusion_softmax: docs must be C-contiguous"):
         call(h, np.asfortranarray(docs))
+    with pytest.raises(ValueError, match="fusion_softmax: h_in must be C-contiguous"):
+        call(np.asfortranarray(h), docs)
+    with pytest.raises(TypeError, match="fusion_softmax: W_a must be float32, got float64"):
+        call(h, docs, np.eye(96))
     c = CorpusMatrix.from_float(docs[0], "fp16")
-    gather = functools.partial(ops.fusion_softmax_gather, backend=backend)
+    gather = functools.partial(ops.fusion_softmax_gather, **how)
     with pytest.raises(ValueError, match=r"fusion_softmax_gather: ids must lie in \[0, N=5\) or be -1"):
         gather(h, c, np.array([[0, 5]] * 3))
     with pytest.raises(TypeError, match="fusion_softmax_gather: ids must be an integer"):

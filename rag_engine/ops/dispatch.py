@@ -54,7 +54,7 @@ def _env_reader(name: str) -> Callable[[], str | None]:
     return read
 
 
-_backend_env = _env_reader(BACKEND_ENV)
+backend_env = _env_reader(BACKEND_ENV)
 _threads_env = _env_reader(THREADS_ENV)
 # The default backend per (implemented backends, CUDA inputs): availability is
 # fixed for the life of the process (extension import, torch import, device).
@@ -68,7 +68,7 @@ def resolve_backend(op: str, backend: str | None, implemented: Sequence[str], on
     auto: an op's own preference, applied only when nothing was asked for: it gets
     the default backend's name and returns the one to use (an available one).
     """
-    requested = backend if backend is not None else (_backend_env() or None)
+    requested = backend if backend is not None else (backend_env() or None)
     if requested is None:
         key = (tuple(implemented), on_cuda)
         name = _DEFAULT_BACKEND.get(key)

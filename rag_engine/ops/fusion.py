@@ -10,7 +10,15 @@ import numpy as np
 from rag_engine import _ext, gpu_ops, reference
 from rag_engine.corpus import CorpusMatrix, as_numpy
 from rag_engine.gpu import DEVICE_BACKENDS
-from rag_engine.ops.dispatch import checked_array, is_cuda, resolve_backend, resolve_threads
+from rag_engine.ops.dispatch import (
+    backend_env,
+    checked_array,
+    is_cuda,
+    resolve_backend,
+    resolve_threads,
+)
+
+_CPU_EXT = [m for m in (_ext.cpu_ext(),) if m is not None]  # [] when the extension is not built
 
 
 def _fusion_inputs(op: str, h_in: Any, W_a: Any, mask: Any, k: int) -> tuple:
@@ -66,6 +74,13 @@ def fusion_softmax(
     Returns (alpha, h_aug), or (alpha, h_aug, scores) with return_scores=True.
     """
     op = "fusion_softmax"
+    if (type(h_in) is np.ndarray and type(docs) is np.ndarray and docs.dtype.type is np.float32
+            and mask is None and backend is None and isa is None and type(threads) is int and threads >= 1
+            and (W_a is None or type(W_a) is np.ndarray) and not backend_env() and _CPU_EXT):
+        # The per-step case (float32 numpy, threads given): the extension checks dtypes,
+        # ranks, layout and shapes itself with the same messages, so go straight there.
+        out = _CPU_EXT[0].fusion_softmax(h_in, docs, W_a, None, return_scores, threads, "")
+        return out if return_scores else out[:2]
     on_cuda = is_cuda(h_in) or is_cuda(docs)
     name = resolve_backend(op, backend, _FUSION_SOFTMAX_BACKENDS, on_cuda)
     if on_cuda:
