@@ -150,7 +150,23 @@ void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, c
   }
   for (int64_t i = 0; i < k; ++i) w[i] = m[i * m_stride] == -kInf ? 0.0f : std::exp(c[i] + m[i * m_stride] - big);
   const V bigv = S::set1(big), tiny = S::set1(0x1p-90f);
-  for (int64_t j = 0; j < n; j += W) {
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {  // two vectors at a time: two independent log chains
+    V a0 = S::zero(), a1 = S::zero();
+    for (int64_t i = 0; i < k; ++i) {
+      const float* p = e + i * e_stride + j;
+      const V wi = S::set1(w[i]);
+      a0 = S::fma(wi, S::load(p), a0);
+      a1 = S::fma(wi, S::load(p + W), a1);
+    }
+    if (S::all_gt(a0, tiny) && S::all_gt(a1, tiny)) {
+      S::store(out + j, S::add(bigv, S::log(a0)));
+      S::store(out + j + W, S::add(bigv, S::log(a1)));
+    } else {  // some lane too small for the factored form: exact for these vectors
+      combine_exact<S>(x + j, stride, c, k, 2 * W, it, out + j);
+    }
+  }
+  for (; j < n; j += W) {
     const int64_t cnt = n - j < W ? n - j : W;
     V acc = S::zero();
     for (int64_t i = 0; i < k; ++i) {
