@@ -244,3 +244,39 @@ def test_random_shapes(b, k, d, seed, dense, isa):
     w = (np.random.default_rng(seed).standard_normal((d, d)) / np.sqrt(d)).astype(np.float32) if dense else None
     out = ops.fusion_softmax(h, docs, w, mask=mask, return_scores=True, threads=2, backend="cpu", isa=isa)
     check_fusion(out, h, docs, w, mask)
+
+
+def at_offset(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of `a` whose data starts `offset` bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 128, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bits_do_not_depend_on_alignment(isa):
+    """Rows sharing their offset within a cache line are accumulated with aligned
+    whole-line reads; the result must be the same bits at every offset, and the same
+    as rows whose offsets differ (the plain path)."""
+    h, docs, mask = inputs(4, 9, 768, masked=False)
+    want = ops.fusion_softmax(h, docs, weight(768), return_scores=True, backend="cpu", isa=isa, threads=2)
+    for offset in (0, 4, 16, 36, 60):
+        got = ops.fusion_softmax(at_offset(h, offset), at_offset(docs, offset), weight(768), return_scores=True,
+                                 backend="cpu", isa=isa, threads=2)
+        for x, y in zip(want, got, strict=True):
+            np.testing.assert_array_equal(x, y)
+    # D = 776: consecutive corpus rows alternate between two offsets. Even ids only:
+    # one shared offset (aligned path); the same rows as dense docs: mixed (plain path).
+    rng = np.random.default_rng(5)
+    corpus = rng.standard_normal((40, 776), dtype=np.float32) / 5
+    ids = 2 * rng.integers(0, 20, (3, 7))
+    h2 = rng.standard_normal((3, 776), dtype=np.float32) / 5
+    for offset in (0, 16):
+        c = at_offset(corpus, offset)
+        gathered = ops.fusion_softmax_gather(h2, c, ids, return_scores=True, backend="cpu", isa=isa)
+        dense = ops.fusion_softmax(h2, np.ascontiguousarray(c[ids]), return_scores=True, backend="cpu", isa=isa)
+        for x, y in zip(gathered, dense, strict=True):
+            np.testing.assert_array_equal(x, y)
+    check_fusion(dense, h2, corpus[ids], None, None)

@@ -70,6 +70,7 @@ struct SimdAvx512 {
   static constexpr int kGemmRows = 8;   // u = h W: 8 rows x 3 vectors = 24 accumulators
   static constexpr int kGemmVecs = 3;
   static constexpr int kDocBlock = 8;   // fusion: 8 documents x 2 chains = 16 accumulators
+  static constexpr bool kWholeLines = true;  // fusion: aligned whole-vector row reads (see fusion_softmax_impl.h)
   static __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
@@ -110,6 +111,8 @@ struct SimdAvx512 {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store_n(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+  static V load_aligned(const float* p) { return _mm512_load_ps(p); }
+  static void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
   static V exp(V x) {
     // Clamp first (operand order keeps NaN); scalef turns 2^n into 0/denormal/inf exactly.
     return exp_nonpos(_mm512_min_ps(_mm512_set1_ps(89.0f), x));
@@ -145,6 +148,7 @@ struct SimdAvx2 {
   static constexpr int kGemmRows = 4;   // 4 x 3 accumulators + 3 loads + 1 broadcast = 16 ymm
   static constexpr int kGemmVecs = 3;
   static constexpr int kDocBlock = 4;   // 4 x 2 accumulators + 2 u + loads fit 16 ymm
+  static constexpr bool kWholeLines = false;
   static __m256i tail_mask(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -245,6 +249,7 @@ struct SimdScalar {
   static constexpr int kGemmRows = 4;
   static constexpr int kGemmVecs = 4;
   static constexpr int kDocBlock = 4;
+  static constexpr bool kWholeLines = false;
   static V zero() { return 0.0f; }
   static V set1(float x) { return x; }
   static V add(V a, V b) { return a + b; }
