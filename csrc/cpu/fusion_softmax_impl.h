@@ -165,7 +165,7 @@ inline void axpy_block(float* __restrict acc, float corr, const float* c, const 
 // of axpy_block, so the bits do not depend on the addresses.
 template <class S, int N, int kMode>
 inline void axpy_block_lines(float* __restrict acc, float corr, const float* c, const Slot<float>* slot,
-                             int64_t nvec, int64_t off) {
+                             int64_t nvec, int64_t off, float* __restrict out, int64_t d) {
   using V = typename S::V;
   constexpr int W = S::W;
   const float* x[N];
@@ -175,20 +175,33 @@ inline void axpy_block_lines(float* __restrict acc, float corr, const float* c, 
     cv[i] = S::set1(c[i]);
   }
   const V corr_v = S::set1(corr);
+  if (out == nullptr) {
+    for (int64_t t = 0; t < nvec * W; t += W) {
+      V v = kMode == kAccInit ? S::zero() : S::load_aligned(acc + t);
+      if (kMode == kAccScale) v = S::mul(v, corr_v);
+      for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_aligned(x[i] + t), v);
+      S::store_aligned(acc + t, v);
+    }
+    return;
+  }
+  // The row's last block: the sums go straight to `out` (element j at out[j]),
+  // the edge vectors through masks so that nothing outside the row is written.
+  float* o = out - off;
   for (int64_t t = 0; t < nvec * W; t += W) {
     V v = kMode == kAccInit ? S::zero() : S::load_aligned(acc + t);
     if (kMode == kAccScale) v = S::mul(v, corr_v);
     for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_aligned(x[i] + t), v);
-    S::store_aligned(acc + t, v);
+    if (t == 0 || t + W > off + d) S::store_lanes(o + t, v, t == 0 ? off : 0, off + d - t < W ? off + d - t : W);
+    else S::store(o + t, v);
   }
 }
 
 template <class S, int kMode, int M>
 inline void block_accumulate_lines(int n, float* acc, float corr, const float* c, const Slot<float>* slot,
-                                   int64_t nvec, int64_t off) {
+                                   int64_t nvec, int64_t off, float* out, int64_t d) {
   if constexpr (M > 0) {
-    if (n == M) axpy_block_lines<S, M, kMode>(acc, corr, c, slot, nvec, off);
-    else block_accumulate_lines<S, kMode, M - 1>(n, acc, corr, c, slot, nvec, off);
+    if (n == M) axpy_block_lines<S, M, kMode>(acc, corr, c, slot, nvec, off, out, d);
+    else block_accumulate_lines<S, kMode, M - 1>(n, acc, corr, c, slot, nvec, off, out, d);
   }
 }
 
@@ -321,9 +334,11 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
       if constexpr (S::kWholeLines && std::is_same_v<T, float>) {
         if (off >= 0) {
           const auto* sl = slots.data() + p;
-          if (p == begin) block_accumulate_lines<S, kAccInit, kB>(n, lines, corr_post, c, sl, nvec, off);
-          else if (corr_post != 1.0f) block_accumulate_lines<S, kAccScale, kB>(n, lines, corr_post, c, sl, nvec, off);
-          else block_accumulate_lines<S, kAccAdd, kB>(n, lines, corr_post, c, sl, nvec, off);
+          float* o = p + kB >= end ? h : nullptr;  // the last block writes h_aug itself
+          if (p == begin) block_accumulate_lines<S, kAccInit, kB>(n, lines, corr_post, c, sl, nvec, off, o, d);
+          else if (corr_post != 1.0f)
+            block_accumulate_lines<S, kAccScale, kB>(n, lines, corr_post, c, sl, nvec, off, o, d);
+          else block_accumulate_lines<S, kAccAdd, kB>(n, lines, corr_post, c, sl, nvec, off, o, d);
           continue;
         }
       }
@@ -331,8 +346,6 @@ int64_t fusion_rows_typed(const FusionSoftmaxArgs& a, const float* u_all, int64_
       else if (corr_post != 1.0f) block_accumulate<S, kAccScale, T, kB>(n, h, corr_post, c, slots.data() + p, d);
       else block_accumulate<S, kAccAdd, T, kB>(n, h, corr_post, c, slots.data() + p, d);
     }
-    if (off >= 0 && begin < end)
-      for (int64_t j = 0; j < d; ++j) h[j] = lines[off + j];
     float* scores = a.scores != nullptr ? a.scores + b * k : nullptr;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: every slot masked -> zeros
     if (scores != nullptr)
