@@ -41,7 +41,10 @@ class ExportConfig:
     precision: "fp32"; "int8" (8-bit weights: MatMulNBits block-wise by default, or
     ``int8_method="dynamic"`` for ``quantize_dynamic`` per-channel DynamicQuantizeMatMul on
     SmoothQuant-scaled weights for Llama-family models, see ``smooth.py``);
-    "int4" (MatMulNBits, ``block_size`` 32). Quantised graphs also quantise the embedding table
+    "int4" (MatMulNBits). block_size: weights per quantisation block (None: 64 for int8 and 32
+    for int4 -- int8's 255 levels lose little over 64 weights, and ONNX Runtime's 8-bit kernel
+    spends its time per block: SmolLM2 teacher-forced top-1 agreement with fp32 97.1% at 64 vs
+    97.7% at 32, batch-8 decode +21%). Quantised graphs also quantise the embedding table
     (shared with lm_head when tied). all_logits: logits for every position instead of each
     row's last one. inputs_embeds: take ``inputs_embeds [B, S, hidden]`` instead of input_ids.
     explicit_rotary: Llama-family graphs honour arbitrary ``position_ids`` through RotaryEmbedding
@@ -52,7 +55,7 @@ class ExportConfig:
     precision: str = "fp32"
     all_logits: bool = False
     inputs_embeds: bool = False
-    block_size: int = 32
+    block_size: int | None = None
     accuracy_level: int = 4
     int8_method: str = "nbits"
     explicit_rotary: bool = False
@@ -62,8 +65,16 @@ class ExportConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.int8_method not in INT8_METHODS:
             raise ValueError(f"int8_method must be one of {INT8_METHODS}, got {self.int8_method!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                                            or self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 16 or None, got {self.block_size!r}")
+
+    @property
+    def block(self) -> int:
+        """The quantisation block: block_size, else 64 for int8 and 32 for int4."""
+        if self.block_size is not None:
+            return self.block_size
+        return 64 if self.precision == "int8" else 32
 
     @property
     def bits(self) -> int | None:
@@ -96,7 +107,7 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     bar.update()
     bar.set_postfix_str(steps[1])
     proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
-                        bits=config.bits, block=config.block_size, accuracy_level=config.accuracy_level,
+                        bits=config.bits, block=config.block, accuracy_level=config.accuracy_level,
                         explicit_rotary=config.explicit_rotary)
     del weights
     bar.update()

@@ -85,8 +85,9 @@ class Generator:
         """Load a Hugging Face folder or a known name ("smollm2-135m-instruct", alias "default").
 
         Exports (and quantises) on first use; later calls load the cached export. int8_method:
-        "nbits" (block-32 MatMulNBits, the default) or "dynamic" (quantize_dynamic per-channel
-        weights, activations quantised per tensor: faster in batches, less faithful to fp32).
+        "nbits" (MatMulNBits in blocks of 64 weights, the default) or "dynamic" (quantize_dynamic
+        per-channel weights, activations quantised per tensor: faster in batches, less faithful
+        to fp32).
         """
         from transformers import AutoTokenizer
 
