@@ -15,18 +15,22 @@ const char* isa_name(Isa isa) {
   return "unknown";
 }
 
-std::vector<Isa> supported_isas() {
-  std::vector<Isa> out{Isa::kScalar};
+// Probed once: every op call asks for its default path.
+const std::vector<Isa>& supported_isas() {
+  static const std::vector<Isa> isas = [] {
+    std::vector<Isa> out{Isa::kScalar};
 #if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
-  if (avx2) out.push_back(Isa::kAvx2);
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    out.push_back(Isa::kAvx512);
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2) out.push_back(Isa::kAvx2);
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      out.push_back(Isa::kAvx512);
 #endif
-  return out;
+    return out;
+  }();
+  return isas;
 }
 
 static bool is_supported(Isa isa) {

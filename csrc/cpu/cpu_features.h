@@ -18,7 +18,7 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* isa_name(Isa isa);
 
 // Every ISA path this CPU can run, weakest first (always includes scalar).
-std::vector<Isa> supported_isas();
+const std::vector<Isa>& supported_isas();
 
 // Best supported path, or the one named by RAG_ENGINE_ISA.
 Isa default_isa();
