@@ -105,14 +105,19 @@ def run_batch(session: DecoderSession, rows: Sequence[Row],
 
     Rows are updated in place (tokens, text, finish_reason, logprobs, timings).
     """
+    from rag_engine.generator.prefix_cache import prefill_rows  # (prefix_cache imports this module)
+
     spec = session.spec
     max_len = min(spec.max_context, max(len(r.prompt) + r.params.max_tokens for r in rows))
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(rows), max_len)
-    sampler = Sampler([r.params for r in rows], [r.prompt for r in rows], spec.vocab_size,
-                      [r.stop_ids for r in rows])
-    live = np.arange(len(rows))
-    lengths = np.array([len(r.prompt) for r in rows], np.int64)
-    logits = prefill(session, cache, [r.prompt for r in rows])
+    # Cache rows in order of decreasing prompt length, so that the prefill can run prompts of
+    # similar lengths together (padding and attention scratch bounded, see plan_runs).
+    live = np.array(sorted(range(len(rows)), key=lambda i: -len(rows[i].prompt)), np.int64)
+    ordered = [rows[i] for i in live.tolist()]
+    sampler = Sampler([r.params for r in ordered], [r.prompt for r in ordered], spec.vocab_size,
+                      [r.stop_ids for r in ordered])
+    lengths = np.array([len(r.prompt) for r in ordered], np.int64)
+    logits = prefill_rows(session, cache, 0, [r.prompt for r in ordered])
     while True:
         tokens = sampler.sample(logits)
         want = [i for i, r in enumerate(live.tolist()) if rows[r].params.logprobs is not None]
