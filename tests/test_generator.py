@@ -79,10 +79,16 @@ def test_prefill_and_cached_decode_logits_match_hf(family, explicit, gen_cache):
         lengths += 1
 
 
-def test_batch_prefill_in_runs_keeps_rows_and_outputs(gen_cache):
-    """Rows are prefilled longest first in runs of similar lengths (here two calls); outputs come
-    back in the caller's order and equal each prompt generated alone."""
+@pytest.mark.parametrize("piece", [None, 16])
+def test_batch_prefill_in_runs_keeps_rows_and_outputs(gen_cache, piece, monkeypatch):
+    """Rows are prefilled longest first in runs of similar lengths (here two calls), or, past
+    loop.PREFILL_PIECE ids, one row at a time in pieces; outputs come back in the caller's
+    order and equal each prompt generated alone."""
+    from rag_engine.generator import loop
     from rag_engine.generator.prefix_cache import plan_runs
+
+    if piece is not None:  # the default (256) exceeds these models' context
+        monkeypatch.setattr(loop, "PREFILL_PIECE", piece)
 
     prompts = [list(range(200, 203)), list(range(100, 160)), list(range(50, 70)), list(range(250, 291))]
     assert len(plan_runs(sorted(map(len, prompts), reverse=True), [0] * 4)) == 2
