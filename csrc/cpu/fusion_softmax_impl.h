@@ -175,23 +175,15 @@ inline void axpy_block_lines(float* __restrict acc, float corr, const float* c, 
     cv[i] = S::set1(c[i]);
   }
   const V corr_v = S::set1(corr);
-  if (out == nullptr) {
-    for (int64_t t = 0; t < nvec * W; t += W) {
-      V v = kMode == kAccInit ? S::zero() : S::load_aligned(acc + t);
-      if (kMode == kAccScale) v = S::mul(v, corr_v);
-      for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_aligned(x[i] + t), v);
-      S::store_aligned(acc + t, v);
-    }
-    return;
-  }
-  // The row's last block: the sums go straight to `out` (element j at out[j]),
+  // out: the row's last block writes its sums straight to out (element j at out[j]),
   // the edge vectors through masks so that nothing outside the row is written.
-  float* o = out - off;
+  float* o = out == nullptr ? nullptr : out - off;
   for (int64_t t = 0; t < nvec * W; t += W) {
     V v = kMode == kAccInit ? S::zero() : S::load_aligned(acc + t);
     if (kMode == kAccScale) v = S::mul(v, corr_v);
     for (int i = 0; i < N; ++i) v = S::fma(cv[i], S::load_aligned(x[i] + t), v);
-    if (t == 0 || t + W > off + d) S::store_lanes(o + t, v, t == 0 ? off : 0, off + d - t < W ? off + d - t : W);
+    if (o == nullptr) S::store_aligned(acc + t, v);
+    else if (t == 0 || t + W > off + d) S::store_lanes(o + t, v, t == 0 ? off : 0, off + d - t < W ? off + d - t : W);
     else S::store(o + t, v);
   }
 }

@@ -10,7 +10,7 @@
 //     log_alpha_i - lse_i + x_i/T. Pass 1 keeps its exponentials in a per-thread
 //     scratch (K chunks of 16 KiB per work item, L2-resident), so pass 2 only
 //     multiplies them by per-(row, chunk) weights and takes one log per token;
-//     tokens far below every row's max (sum < 2^-90) are recomputed with a
+//     tokens far below every row's shift (sum < 2^-90) are recomputed with a
 //     per-token max, so tiny probabilities keep their exact log.
 // A chunk is 16 KiB and both passes over it run on the same thread, so the
 // second pass reads it from L1/L2. Chunk partials are merged in a fixed order:
@@ -64,7 +64,7 @@ struct MargKernels {
   // the chunk the caller reads next (prefetched into L2 meanwhile), or null.
   void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
   // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n, from the kept exponentials
-  // e[i * e_stride + t] and each row's chunk max m[i * m_stride] (x is read only for the rare
+  // e[i * e_stride + t] and each row's chunk shift m[i * m_stride] (x is read only for the rare
   // tokens recomputed exactly).
   void (*combine)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
                   const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out);

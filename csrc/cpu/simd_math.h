@@ -113,7 +113,7 @@ struct SimdAvx512 {
   static void store_n(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
   static V load_aligned(const float* p) { return _mm512_load_ps(p); }
   static void store_lanes(float* p, V v, int64_t lo, int64_t hi) {  // lanes lo <= l < hi only
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u)), v);
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(tail_mask(hi) & ~tail_mask(lo)), v);
   }
   static void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
   static V exp(V x) {
