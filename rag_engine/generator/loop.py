@@ -99,7 +99,8 @@ class Row:
         return delta
 
 
-# Prompts longer than this are prefilled one row at a time in pieces of this many ids: the CPU
+# Prompts longer than this are prefilled one row at a time in pieces of at most this many ids
+# (prefill_rows' chunked path, which cuts at every PREFILL_PIECE ids across rows): the CPU
 # GroupQueryAttention computes every query against every key of the call (the causal half
 # included), so pieces cut that work by a quarter to a third at 500-700 ids, and the calls
 # stay within its scratch budget (measured: 16 RAG prompts of 430-730 ids, int8, prefill 6.1-6.5 s

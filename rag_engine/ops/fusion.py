@@ -18,8 +18,6 @@ from rag_engine.ops.dispatch import (
     resolve_threads,
 )
 
-_CPU_EXT = [m for m in (_ext.cpu_ext(),) if m is not None]  # [] when the extension is not built
-
 
 def _fusion_inputs(op: str, h_in: Any, W_a: Any, mask: Any, k: int) -> tuple:
     h = checked_array(op, "h_in", h_in, 2)
@@ -76,10 +74,11 @@ def fusion_softmax(
     op = "fusion_softmax"
     if (type(h_in) is np.ndarray and type(docs) is np.ndarray and docs.dtype.type is np.float32
             and mask is None and backend is None and isa is None and type(threads) is int and threads >= 1
-            and (W_a is None or type(W_a) is np.ndarray) and not backend_env() and _CPU_EXT):
+            and (W_a is None or type(W_a) is np.ndarray) and not backend_env()
+            and (ext := _ext.cpu_ext()) is not None):
         # The per-step case (float32 numpy, threads given): the extension checks dtypes,
         # ranks, layout and shapes itself with the same messages, so go straight there.
-        out = _CPU_EXT[0].fusion_softmax(h_in, docs, W_a, None, return_scores, threads, "")
+        out = ext.fusion_softmax(h_in, docs, W_a, None, return_scores, threads, "")
         return out if return_scores else out[:2]
     on_cuda = is_cuda(h_in) or is_cuda(docs)
     name = resolve_backend(op, backend, _FUSION_SOFTMAX_BACKENDS, on_cuda)
