@@ -9,6 +9,8 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
+
 namespace rag_engine {
 namespace {
 
@@ -47,9 +49,7 @@ int64_t fusion_softmax_cpu(const FusionSoftmaxArgs& a) {
   // u rows are still in cache. Fewer rows: split W_a's columns, then a barrier.
   const bool own_rows = a.b >= kRowsPerThread * nt;
 
-#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
-  {
-    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+  const auto run = [&](int64_t t, int64_t nth) {
     const int64_t b0 = a.b * t / nth, b1 = a.b * (t + 1) / nth;
     if (a.w != nullptr && own_rows) {
       if (b0 < b1) kern.gemm_cols(a.h_in + b0 * a.d, b1 - b0, a.d, a.w, 0, a.d, ubuf.data() + b0 * a.d);
@@ -65,7 +65,8 @@ int64_t fusion_softmax_cpu(const FusionSoftmaxArgs& a) {
     int64_t cur = bad.load();
     while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
     }
-  }
+  };
+  parallel_region(nt, run);
   const int64_t out = bad.load();
   return out == std::numeric_limits<int64_t>::max() ? -1 : out;
 }

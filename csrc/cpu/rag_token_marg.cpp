@@ -10,6 +10,8 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
+
 namespace rag_engine {
 
 MargKernels pick_marg_kernels(Isa isa) {
@@ -77,9 +79,7 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
   std::vector<float> ps(pm.size());
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
 
-#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
-  {
-    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+  parallel_region(nt, [&](int64_t t, int64_t nth) {
     std::vector<float> c(static_cast<size_t>(a.k));
     int64_t first_bad = std::numeric_limits<int64_t>::max();
     for (int64_t g0 = 0; g0 < a.b; g0 += group) {
@@ -120,7 +120,7 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
     int64_t cur = bad.load();
     while (first_bad < cur && !bad.compare_exchange_weak(cur, first_bad)) {
     }
-  }
+  });
   const int64_t out = bad.load();
   return out == std::numeric_limits<int64_t>::max() ? -1 : out;
 }

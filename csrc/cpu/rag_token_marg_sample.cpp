@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
 #include "rag_token_marg.h"
 
 namespace rag_engine {
@@ -129,18 +130,16 @@ int64_t rag_token_sample_cpu(const RagTokenMargArgs& a, const RagTokenSampleArgs
   const MargKernels kern = pick_marg_kernels(a.isa);
   int64_t nt = a.threads > 0 ? a.threads : omp_get_max_threads();
   nt = std::max<int64_t>(1, std::min<int64_t>(nt, a.b));
-#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
-  {
+  parallel_region(nt, [&](int64_t t, int64_t nth) {
     std::vector<float> z(static_cast<size_t>(a.v)), w(static_cast<size_t>(a.v));
     std::vector<int64_t> live, cand;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < a.b; ++b) {
+    for (int64_t b = a.b * t / nth; b < a.b * (t + 1) / nth; ++b) {
       const float* lp = a.out + b * a.v;
       const int64_t tok = sample_row(lp, a.v, s, s.uniforms[b], kern, z, w, live, cand);
       s.tokens[b] = tok;
       s.logprobs[b] = lp[tok];
     }
-  }
+  });
   return -1;
 }
 

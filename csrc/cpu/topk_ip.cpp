@@ -10,6 +10,8 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
+
 namespace rag_engine {
 namespace {
 
@@ -99,13 +101,11 @@ int64_t topk_ip_cpu(const TopkIpArgs& a) {
   std::vector<std::vector<BoundedHeap>> heaps(static_cast<size_t>(nthreads));
   std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
 
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int t = omp_get_thread_num();
+  parallel_region(nthreads, [&](int64_t t, int64_t nth) {
     // Contiguous range of tiles per thread: each thread streams its own part
     // of the corpus, which keeps the hardware prefetchers on.
-    const int64_t tile_begin = ntiles * t / nthreads;
-    const int64_t tile_end = ntiles * (t + 1) / nthreads;
+    const int64_t tile_begin = ntiles * t / nth;
+    const int64_t tile_end = ntiles * (t + 1) / nth;
     std::vector<BoundedHeap>& mine = heaps[static_cast<size_t>(t)];
     mine.reserve(static_cast<size_t>(a.nq));
     for (int64_t q = 0; q < a.nq; ++q) mine.emplace_back(kout);
@@ -143,32 +143,34 @@ int64_t topk_ip_cpu(const TopkIpArgs& a) {
     int64_t cur = bad_row.load();
     while (first_bad < cur && !bad_row.compare_exchange_weak(cur, first_bad)) {
     }
-  }
+  });
 
   if (bad_row.load() != std::numeric_limits<int64_t>::max()) return bad_row.load();
 
   // Merge the per-thread heaps of each query.
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t q = 0; q < a.nq; ++q) {
-    std::vector<Entry> all;
-    all.reserve(static_cast<size_t>(kout * nthreads));
-    for (int t = 0; t < nthreads; ++t) {
-      const auto& e = heaps[static_cast<size_t>(t)][static_cast<size_t>(q)].entries();
-      all.insert(all.end(), e.begin(), e.end());
+  parallel_region(std::min<int64_t>(nthreads, a.nq), [&](int64_t t0, int64_t nth) {
+    for (int64_t q = a.nq * t0 / nth; q < a.nq * (t0 + 1) / nth; ++q) {
+      std::vector<Entry> all;
+      all.reserve(static_cast<size_t>(kout * nthreads));
+      for (const auto& mine : heaps) {  // empty: OpenMP ran fewer threads than asked
+        if (mine.empty()) continue;
+        const auto& e = mine[static_cast<size_t>(q)].entries();
+        all.insert(all.end(), e.begin(), e.end());
+      }
+      const int64_t m = std::min<int64_t>(kout, static_cast<int64_t>(all.size()));
+      std::partial_sort(all.begin(), all.begin() + m, all.end(), better);
+      float* os = a.out_scores + q * kout;
+      int64_t* oi = a.out_ids + q * kout;
+      for (int64_t j = 0; j < m; ++j) {
+        os[j] = all[static_cast<size_t>(j)].score;
+        oi[j] = all[static_cast<size_t>(j)].id;
+      }
+      for (int64_t j = m; j < kout; ++j) {
+        os[j] = -std::numeric_limits<float>::infinity();
+        oi[j] = -1;
+      }
     }
-    const int64_t m = std::min<int64_t>(kout, static_cast<int64_t>(all.size()));
-    std::partial_sort(all.begin(), all.begin() + m, all.end(), better);
-    float* os = a.out_scores + q * kout;
-    int64_t* oi = a.out_ids + q * kout;
-    for (int64_t j = 0; j < m; ++j) {
-      os[j] = all[static_cast<size_t>(j)].score;
-      oi[j] = all[static_cast<size_t>(j)].id;
-    }
-    for (int64_t j = m; j < kout; ++j) {
-      os[j] = -std::numeric_limits<float>::infinity();
-      oi[j] = -1;
-    }
-  }
+  });
   return -1;
 }
 
