@@ -250,10 +250,12 @@ RagTokenMargArgs marg_args(const char* op, const py::array& log_alpha, const py:
     for (int64_t i = 0; i < a.k; ++i) {
       const float x = a.log_alpha[r * a.k + i];
       RAG_CHECK(op, !std::isnan(x) && x != std::numeric_limits<float>::infinity(),
-                "log_alpha must be finite or -inf, got ", x, " at (b=", r, ", k=", i, ")");
+                "log_alpha must be finite or -inf with a finite entry per row, got ", x, " at (b=", r,
+                ", k=", i, ")");
       any = any || std::isfinite(x);
     }
-    RAG_CHECK(op, any, "log_alpha row ", r, " is -inf everywhere (no document has weight)");
+    RAG_CHECK(op, any, "log_alpha must be finite or -inf with a finite entry per row, but row ", r,
+              " is -inf everywhere (no document has weight)");
   }
   a.logits = static_cast<const float*>(logits.data());
   a.threads = threads;

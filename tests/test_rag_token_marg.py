@@ -134,6 +134,10 @@ def test_bad_input(backend):
     la[1, 0] = np.nan
     with pytest.raises(ValueError, match="rag_token_marg: log_alpha must be finite"):
         call(la, logits)
+    la = log_alpha.copy()
+    la[0, 2] = np.inf
+    with pytest.raises(ValueError, match="rag_token_marg: log_alpha must be finite or -inf with a finite entry"):
+        call(la, logits, threads=1)
 
 
 def test_torch_backend_and_selection():
@@ -224,3 +228,8 @@ def test_sample_bad_params(backend):
     nan[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=r"rag_token_sample: logits row \(b=0, k=0\)"):
         ops.rag_token_sample(log_alpha, nan, backend=backend)
+    for row in (np.array([0.0, np.nan, -1.0]), np.full(3, -np.inf)):
+        la = log_alpha.copy()
+        la[1] = row
+        with pytest.raises(ValueError, match="rag_token_sample: log_alpha must be finite or -inf with a finite entry"):
+            ops.rag_token_sample(la, logits, backend=backend)
