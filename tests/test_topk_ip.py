@@ -4,6 +4,7 @@ awkward shape; tie-aware (equal scores may come back in either order)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -341,3 +342,35 @@ def test_dispatch_auto_preference_only_when_nothing_was_asked(monkeypatch):
     monkeypatch.setenv("RAG_ENGINE_BACKEND", "cpu")
     assert ops.resolve_backend("topk_ip", None, ("cpu", "torch"), False, auto=prefer_torch) == "cpu"
     assert seen == ["cpu"]
+
+
+def test_fewer_openmp_threads_than_asked():
+    """With OMP_THREAD_LIMIT=1 a region asked for 2 threads runs on 1: every CPU op must
+    still cover all rows (and topk_ip's merge must not read heaps of threads that never ran)."""
+    import subprocess
+    import sys
+
+    child = """
+import numpy as np
+from rag_engine import ops, reference
+rng = np.random.default_rng(0)
+q = rng.standard_normal((3, 64), dtype=np.float32)
+c = rng.standard_normal((5000, 64), dtype=np.float32)
+s, i = ops.topk_ip(q, c, 7, threads=2)
+rs, ri = reference.topk_ip(q, c, 7)
+assert np.array_equal(i, ri), (i, ri)
+h = rng.standard_normal((4, 64), dtype=np.float32)
+d = rng.standard_normal((4, 16, 64), dtype=np.float32)
+a, hh = ops.fusion_softmax(h, d, threads=2)
+ra, rh, _ = reference.fusion_softmax(h.astype(np.float64), d.astype(np.float64))
+assert np.abs(a - ra).max() < 1e-5 and np.abs(hh - rh).max() < 1e-5
+la = np.log(np.full((4, 3), 1 / 3, np.float32))
+lg = rng.standard_normal((4, 3, 70000), dtype=np.float32)
+out = ops.rag_token_marg(la, lg, threads=2)
+ref = reference.rag_token_marg(la.astype(np.float64), lg.astype(np.float64))
+assert np.abs(out - ref).max() < 1e-4
+print("ok")
+"""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    res = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
