@@ -216,6 +216,7 @@ class Engine:
         if self.latent is not None:
             extra |= self.latent.files()
         self.index.save(path, extra=extra)
+        self.retrieved.clear()  # saving renumbers the passages
 
     @classmethod
     def load(cls, path: str | Path, load_generator: bool = True, verify: bool = True, **overrides: Any) -> Engine:
@@ -224,8 +225,15 @@ class Engine:
             saved = json.loads((version / ENGINE_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise IndexFormatError(f"{path}: missing or unreadable {ENGINE_FILE} ({exc})") from exc
+        if not isinstance(saved, dict):
+            raise IndexFormatError(f"{path}: {ENGINE_FILE} must hold a JSON object, got {type(saved).__name__}")
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        config = EngineConfig(**({k: v for k, v in saved.items() if k in fields} | overrides))
+        saved = {k: v for k, v in saved.items() if k in fields}
+        try:
+            EngineConfig(**saved)
+        except (TypeError, ValueError) as exc:
+            raise IndexFormatError(f"{path}: {ENGINE_FILE} holds an invalid config ({exc})") from exc
+        config = EngineConfig(**(saved | overrides))  # a bad override is the caller's ValueError
         encoder = Encoder.from_pretrained(EncoderConfig(config.encoder, config.encoder_precision,
                                                         threads=config.threads), config.cache_dir)
         index = PassageIndex.load(path, encoder_name=encoder.name, verify=False)
@@ -244,14 +252,24 @@ class Engine:
     # ------------------------------------------------------------------ documents
     def add_documents(self, texts: Sequence[str], ids: Sequence[str] | None = None,
                       metadata: Sequence[dict[str, Any]] | None = None, progress: bool = True) -> list[str]:
-        """Chunk, encode and index documents; an existing id is replaced. Returns the doc ids."""
+        """Chunk, encode and index documents; an existing id is replaced (a text with nothing
+        to index removes the document of that id). Returns the ids of the documents indexed.
+
+        Without ``ids``, documents get the next free integers as ids (never a live id)."""
         texts = list(texts)
         if ids is not None and len(ids) != len(texts):
             raise ValueError(f"add_documents: got {len(ids)} ids for {len(texts)} texts")
         if metadata is not None and len(metadata) != len(texts):
             raise ValueError(f"add_documents: got {len(metadata)} metadata dicts for {len(texts)} texts")
-        ids = [str(i) for i in ids] if ids is not None else [
-            str(len(self.index.doc_ids()) + j) for j in range(len(texts))]
+        if ids is None:
+            start = self.index.next_numeric_id()
+            ids = [str(start + j) for j in range(len(texts))]
+        else:
+            ids = [str(i) for i in ids]
+            if len(set(ids)) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise ValueError(f"add_documents: id {dup!r} appears more than once in one call")
+        replaced = any(i in self.index for i in ids)
         chunk_cfg = ChunkConfig(self.config.passage_tokens, self.config.overlap_tokens)
         for j, t in enumerate(texts):
             if not isinstance(t, str):
@@ -260,7 +278,7 @@ class Engine:
         for j in tqdm(range(len(texts)), desc="chunk documents", disable=not progress):
             spans = chunk_spans(texts[j], self.encoder.tokenizer, chunk_cfg)
             if not spans:
-                log.warning("document %r has no text; skipped", ids[j])
+                log.warning("document %r has no text; not indexed", ids[j])
                 continue
             chunks.append((j, spans, [texts[j][a:b] for a, b in spans]))
         # One batched encoder pass over every passage (length-sorted batches).
@@ -270,10 +288,17 @@ class Engine:
             self.index.add(ids[j], spans, passages, vecs[row : row + len(passages)],
                            metadata[j] if metadata else None)
             row += len(passages)
-        return ids
+        indexed = {ids[j] for j, _, _ in chunks}
+        self.index.delete([i for i in ids if i not in indexed])  # their new text has nothing to index
+        if replaced:
+            self.retrieved.clear()  # passage ids of replaced documents
+        return [i for i in ids if i in indexed]
 
     def delete_documents(self, ids: Sequence[str]) -> int:
-        return self.index.delete([str(i) for i in ids])
+        gone = self.index.delete([str(i) for i in ids])
+        if gone:
+            self.retrieved.clear()  # passage ids of deleted documents
+        return gone
 
     # ------------------------------------------------------------------ retrieval
     def _retrieve_ids(self, queries: list[str], qvecs: np.ndarray, k: int, retriever: str,

@@ -156,7 +156,7 @@ def warm_prefix_cache(eng, passage_ids: Sequence[int] | None, queries: Sequence[
             for hits in eng.retrieve(list(queries)):
                 counts.update(h.passage_id for h in hits)
         passage_ids = [pid for pid, _ in counts.most_common(top)]
-    texts = [eng.index.passage(int(pid)).text for pid in passage_ids]
+    texts = [eng.index.passage(int(pid)).text for pid in passage_ids]  # KeyError names a dead id
     gen, spec, system = eng.generator, eng.generator.session.spec, eng.config.system_prompt
     with eng.generator_lock:
         for start in range(0, len(texts), batch):

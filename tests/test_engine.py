@@ -266,3 +266,89 @@ def test_allow_masks_are_cached_and_follow_changes(tmp_path):
     idx.save(tmp_path / "ix")
     assert len(idx) == 11 and idx.allow_mask() is None
     assert idx.allow_mask({"lang": "fr"}).nonzero()[0].tolist() == [2, 3, 6, 7, 10]
+
+
+def bare_engine(encoder, cache_dir) -> Engine:
+    config = EngineConfig(passage_tokens=16, overlap_tokens=4, cache_dir=str(cache_dir))
+    return Engine(config, encoder, None, PassageIndex(encoder.name, encoder.dim, config.index_dtype))
+
+
+def test_document_ids_and_updates_never_lose_documents(encoder, cache_dir):
+    eng = bare_engine(encoder, cache_dir)
+    assert eng.add_documents(["apples are red", "bananas are yellow", "cherries are small"], progress=False) \
+        == ["0", "1", "2"]
+    eng.delete_documents(["0"])
+    # Generated ids never reuse a live one (they were len(doc_ids) + j: "2" again here).
+    assert eng.add_documents(["durian smells strong"], progress=False) == ["3"]
+    assert sorted(eng.index.doc_ids()) == ["1", "2", "3"]
+    # A refused replacement leaves the stored document as it was.
+    bad = np.full((1, encoder.dim), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        eng.index.add("1", [(0, 3)], ["new"], bad)
+    assert [h.text for h in eng.retrieve("bananas", k=1)[0]] == ["bananas are yellow"]
+    # A new version with nothing to index removes the document and is not reported as indexed.
+    assert eng.add_documents(["   "], ids=["2"], progress=False) == []
+    assert "2" not in eng.index
+    with pytest.raises(ValueError, match="id 'd' appears more than once"):
+        eng.add_documents(["a cat", "a dog"], ids=["d", "d"], progress=False)
+    assert "d" not in eng.index
+
+
+def test_metadata_is_json_and_hits_hold_copies(encoder, cache_dir, tmp_path):
+    eng = bare_engine(encoder, cache_dir)
+    eng.add_documents(["apples are red", "bananas are yellow"], ids=["a", "b"],
+                      metadata=[{"lang": "en", "tags": ("fruit", "red")}, {"lang": "en"}], progress=False)
+    hit = eng.retrieve("apples", k=1, where={"lang": "en"})[0][0]
+    hit.metadata["lang"] = "fr"  # the caller's copy
+    assert {h.doc_id for h in eng.retrieve("fruit", k=2, where={"lang": "en"})[0]} == {"a", "b"}
+    assert eng.retrieve("fruit", k=2, where={"lang": "fr"})[0] == []
+    # Tuples are stored as JSON lists; a tuple filter matches before and after a save/load.
+    assert [h.doc_id for h in eng.retrieve("fruit", k=2, where={"tags": ("fruit", "red")})[0]] == ["a"]
+    eng.save(tmp_path / "idx")
+    loaded = Engine.load(tmp_path / "idx", load_generator=False)
+    assert [h.doc_id for h in loaded.retrieve("fruit", k=2, where={"tags": ("fruit", "red")})[0]] == ["a"]
+    with pytest.raises(TypeError, match="metadata must be JSON-serialisable"):
+        eng.add_documents(["x"], ids=["x"], metadata=[{"when": object()}], progress=False)
+    assert "x" not in eng.index
+
+
+def test_save_keeps_foreign_folders_and_load_checks_consistency(encoder, cache_dir, tmp_path):
+    eng = bare_engine(encoder, cache_dir)
+    eng.add_documents(["apples are red", "bananas are yellow", "cherries are small"], ids=list("abc"),
+                      progress=False)
+    root = tmp_path / "idx"
+    (root / "v2_backup").mkdir(parents=True)
+    (root / "v1-notes.txt").write_text("mine")
+    eng.save(root)
+    eng.save(root)
+    assert sorted(p.name for p in root.iterdir()) == ["CURRENT", "v000002", "v1-notes.txt", "v2_backup"]
+    # A passages table that lost a row no longer loads shifted (unverified load).
+    import sqlite3
+
+    version = root / (root / "CURRENT").read_text().strip()
+    with sqlite3.connect(version / "passages.sqlite") as db:
+        db.execute("DELETE FROM passages WHERE passage_id = 1")
+    db.close()
+    with pytest.raises(IndexFormatError, match="expected ids 0..2"):
+        PassageIndex.load(root, verify=False)
+    man = json.loads((version / "manifest.json").read_text())
+    (version / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "dim"}))
+    with pytest.raises(IndexFormatError, match=r"malformed fields \['dim'\]"):
+        PassageIndex.load(root, verify=False)
+    (version / "manifest.json").write_text(json.dumps(man))
+    (version / "engine.json").write_text("[1, 2]")
+    with pytest.raises(IndexFormatError, match="engine.json must hold a JSON object"):
+        Engine.load(root, load_generator=False, verify=False)
+
+
+def test_retrieved_counts_follow_index_changes(engine, encoder, generator, cache_dir, tmp_path):
+    eng = make_engine(encoder, generator, cache_dir)
+    eng.generate(["How do I read a file?", "Dictionary default value?"], GREEDY, k=2)
+    assert eng.retrieved
+    eng.delete_documents(["files"])
+    assert not eng.retrieved  # its passage ids are gone
+    eng.generate("Dictionary default value?", GREEDY, k=2)
+    assert eng.retrieved
+    eng.save(tmp_path / "idx")
+    assert not eng.retrieved  # saving renumbers passages
+    assert eng.warm_prefix_cache(top=4) == 0

@@ -9,6 +9,7 @@ memory-mapped at load.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sqlite3
@@ -47,6 +48,27 @@ class Hit:
     text: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def json_metadata(metadata: dict[str, Any] | None, op: str) -> dict[str, Any]:
+    """A private copy of a document's metadata as it will be saved: JSON values only (tuples
+    become lists), so filters match the same before and after a save/load round trip."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"{op}: metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{op}: metadata must be JSON-serialisable (str keys; str, number, bool, "
+                        f"None, list, dict values): {exc}") from exc
+
+
+def _json_value(v: Any) -> Any:
+    try:
+        return json.loads(json.dumps(v))
+    except (TypeError, ValueError):
+        return v  # not storable, so it matches nothing stored
 
 
 class _Vectors:
@@ -100,6 +122,7 @@ class PassageIndex:
         # "topk_ip" (exact, the fused kernel) or "faiss_flat" / "faiss_hnsw" / "faiss_ivf".
         self.dense_backend = "topk_ip"
         self._faiss = None
+        self._next_num: int | None = None  # cache of next_numeric_id()
 
     def set_dense_backend(self, name: str) -> None:
         if name not in DENSE_BACKENDS:
@@ -124,6 +147,15 @@ class PassageIndex:
     def doc_ids(self) -> list[str]:
         return list(self._by_doc)
 
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._by_doc
+
+    def next_numeric_id(self) -> int:
+        """An integer above every all-digit live document id (ids the engine hands out)."""
+        if self._next_num is None:
+            self._next_num = max((int(d) + 1 for d in self._by_doc if d.isascii() and d.isdigit()), default=0)
+        return self._next_num
+
     def add(self, doc_id: str, spans: Sequence[tuple[int, int]], texts: Sequence[str],
             vectors: np.ndarray, metadata: dict[str, Any] | None = None) -> list[int]:
         """Append the passages of one document (replacing a document of the same id)."""
@@ -131,14 +163,18 @@ class PassageIndex:
             raise ValueError(f"PassageIndex.add: {len(texts)} texts, {len(spans)} spans, {vectors.shape[0]} vectors")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"PassageIndex.add: vectors must be [n, {self.dim}], got {vectors.shape}")
+        meta = json_metadata(metadata, "PassageIndex.add")
+        # Store (and so validate) the new rows before the old version of the document goes:
+        # a refused call leaves the index as it was.
+        self._vectors.append(np.asarray(vectors, np.float32))
         if doc_id in self._by_doc:
             self.delete([doc_id])
-        self._vectors.append(np.asarray(vectors, np.float32))
         first = len(self._passages)
-        meta = dict(metadata or {})
         for j, ((a, b), t) in enumerate(zip(spans, texts)):
             self._passages.append(Passage(first + j, doc_id, t, a, b, meta))
         self._by_doc[doc_id] = list(range(first, first + len(texts)))
+        if self._next_num is not None and doc_id.isascii() and doc_id.isdigit():
+            self._next_num = max(self._next_num, int(doc_id) + 1)
         self._bm25 = self._faiss = None
         self._masks.clear()
         return self._by_doc[doc_id]
@@ -166,10 +202,12 @@ class PassageIndex:
         key = json.dumps(where or {}, sort_keys=True, default=repr)
         mask = self._masks.get(key)
         if mask is None:
+            # Stored metadata went through JSON (tuples are lists there): so do the values asked for.
+            want = {k: _json_value(v) for k, v in (where or {}).items()}
             mask = np.zeros(len(self._passages), np.bool_)
             for pids in self._by_doc.values():
                 meta = self._passages[pids[0]].metadata
-                if all(meta.get(k) == v for k, v in (where or {}).items()):
+                if all(meta.get(k) == v for k, v in want.items()):
                     mask[pids] = True
             mask.flags.writeable = False
             if len(self._masks) >= 64:
@@ -239,7 +277,7 @@ class PassageIndex:
                 if pid < 0:
                     continue
                 p = self.passage(int(pid))
-                row.append(Hit(p.doc_id, p.passage_id, p.text, float(s), p.metadata))
+                row.append(Hit(p.doc_id, p.passage_id, p.text, float(s), copy.deepcopy(p.metadata)))
             out.append(row)
         return out
 
@@ -292,24 +330,48 @@ class PassageIndex:
         encoder_name: if given, the index must have been built by that encoder.
         """
         version, man = persist.open_version(Path(path), verify=verify)
-        if encoder_name is not None and man.get("encoder") != encoder_name:
-            raise IndexFormatError(f"{path}: index built with encoder {man.get('encoder')!r}, "
+        fields = {"encoder": str, "dim": int, "dtype": str, "num_passages": int}
+        bad = [k for k, t in fields.items() if not isinstance(man.get(k), t) or isinstance(man.get(k), bool)]
+        if bad:
+            raise IndexFormatError(f"{path}: manifest lacks or has malformed fields {bad} "
+                                   f"(expected {', '.join(f'{k}: {t.__name__}' for k, t in fields.items())})")
+        if encoder_name is not None and man["encoder"] != encoder_name:
+            raise IndexFormatError(f"{path}: index built with encoder {man['encoder']!r}, "
                                    f"this engine uses {encoder_name!r}")
-        idx = cls(man["encoder"], int(man["dim"]), man["dtype"])
-        data = np.load(version / "vectors.npy", mmap_mode="r")
-        scales = np.load(version / "scales.npy") if (version / "scales.npy").exists() else None
-        if data.shape != (man["num_passages"], idx.dim):
-            raise IndexFormatError(f"{path}: vectors.npy has shape {data.shape}, manifest says "
-                                   f"({man['num_passages']}, {idx.dim})")
-        idx._vectors = _Vectors.from_arrays(data, idx.dtype, scales)
-        db = sqlite3.connect(f"file:{version / 'passages.sqlite'}?mode=ro", uri=True)
+        if man["dtype"] not in STORAGE_DTYPES:
+            raise IndexFormatError(f"{path}: unknown vector dtype {man['dtype']!r} (expected one of {STORAGE_DTYPES})")
+        idx = cls(man["encoder"], man["dim"], man["dtype"])
+        n = man["num_passages"]
         try:
-            rows = db.execute("SELECT passage_id, doc_id, start, end, text, metadata FROM passages "
-                              "ORDER BY passage_id").fetchall()
-        finally:
-            db.close()
-        for pid, doc, a, b, text, meta in rows:
-            idx._passages.append(Passage(pid, doc, text, a, b, json.loads(meta) if meta else {}))
+            data = np.load(version / "vectors.npy", mmap_mode="r")
+            scales = np.load(version / "scales.npy") if (version / "scales.npy").exists() else None
+            db = sqlite3.connect(f"file:{version / 'passages.sqlite'}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT passage_id, doc_id, start, end, text, metadata FROM passages "
+                                  "ORDER BY passage_id").fetchall()
+            finally:
+                db.close()
+            metas = [json.loads(meta) if meta else {} for *_, meta in rows]
+            bm25 = BM25Index.load(version / "bm25")
+        except (OSError, ValueError, KeyError, sqlite3.Error) as exc:  # json errors are ValueErrors
+            raise IndexFormatError(f"{path}: unreadable index files in {version.name} ({type(exc).__name__}: {exc})") from exc
+        if data.shape != (n, idx.dim):
+            raise IndexFormatError(f"{path}: vectors.npy has shape {data.shape}, manifest says ({n}, {idx.dim})")
+        want = idx._vectors._data.dtype
+        if data.dtype != want:
+            raise IndexFormatError(f"{path}: vectors.npy holds {data.dtype}, a {man['dtype']} index stores {want}")
+        if (scales is None) != (man["dtype"] != "int8") or (scales is not None and scales.shape != (n,)):
+            raise IndexFormatError(f"{path}: scales.npy must exist exactly for int8 indexes, with shape ({n},); "
+                                   f"got {None if scales is None else scales.shape}")
+        if [r[0] for r in rows] != list(range(n)):
+            raise IndexFormatError(f"{path}: passages.sqlite holds {len(rows)} passages, expected ids 0..{n - 1}")
+        if (bad_meta := next((j for j, m in enumerate(metas) if not isinstance(m, dict)), None)) is not None:
+            raise IndexFormatError(f"{path}: passage {bad_meta} has metadata that is not a JSON object")
+        if not np.array_equal(np.sort(bm25.ids), np.arange(n)):
+            raise IndexFormatError(f"{path}: the BM25 index covers {len(bm25.ids)} passages, expected {n}")
+        idx._vectors = _Vectors.from_arrays(data, idx.dtype, scales)
+        for (pid, doc, a, b, text, _), meta in zip(rows, metas):
+            idx._passages.append(Passage(pid, doc, text, a, b, meta))
             idx._by_doc.setdefault(doc, []).append(pid)
-        idx._bm25 = BM25Index.load(version / "bm25")
+        idx._bm25 = bm25
         return idx

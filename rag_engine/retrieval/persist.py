@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from rag_engine.errors import IndexFormatError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+
+
+_VERSION_NAME = re.compile(r"v\d{6}")
+
+
+def _versions(root: Path) -> list[Path]:
+    """The version folders of `root` (v + six digits); anything else there is not ours."""
+    return [p for p in root.iterdir() if p.is_dir() and _VERSION_NAME.fullmatch(p.name)]
 
 
 def _fsync_path(path: Path) -> None:
@@ -33,7 +42,7 @@ def _fsync_path(path: Path) -> None:
 def new_version(root: Path) -> Path:
     """Empty folder for the next version (named after the highest existing one + 1)."""
     root.mkdir(parents=True, exist_ok=True)
-    nums = [int(p.name[1:]) for p in root.glob("v[0-9]*") if p.name[1:].isdigit()]
+    nums = [int(p.name[1:]) for p in _versions(root)]
     path = root / f"v{max(nums, default=0) + 1:06d}"
     if path.exists():  # leftover of a crashed save: never live, safe to drop
         shutil.rmtree(path)
@@ -56,7 +65,7 @@ def commit_version(root: Path, version: Path, manifest: dict) -> None:
     _fsync_path(tmp)
     os.replace(tmp, root / CURRENT)
     _fsync_path(root)
-    for old in root.glob("v[0-9]*"):
+    for old in _versions(root):
         if old != version:
             shutil.rmtree(old, ignore_errors=True)
 
