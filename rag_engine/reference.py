@@ -186,12 +186,13 @@ def sample_log_probs(
     (float64); top_k keeps z >= the k-th largest z (ties kept); top_p keeps tokens, in
     order of z descending then id, while the mass before them is < top_p * Σw; min_p
     keeps w >= min_p (p >= min_p * p_max); the token is the first, in id order, whose
-    cumulative kept weight exceeds uniforms[b] * Σw. temperature 0: first argmax.
+    cumulative kept weight exceeds uniforms[b] * Σw. temperature below 1e-5 (0 included):
+    first argmax.
     """
     lp = np.asarray(log_probs, np.float32)
     out = np.empty(lp.shape[0], np.int64)
     for b, row in enumerate(lp):
-        if temperature == 0:
+        if temperature < 1e-5:
             out[b] = int(np.argmax(row))
             continue
         z = row / np.float32(temperature)

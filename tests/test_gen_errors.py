@@ -46,6 +46,9 @@ def test_bad_token_ids_and_params(gen_small):
         gen_small.generate([[1, 2.5]])
     with pytest.raises(ValueError, match="one per prompt"):
         gen_small.generate([[1], [2]], [SamplingParams()] * 3)
+    for min_tokens in (0, 2):  # refused up front, not an IndexError once min_tokens applies
+        with pytest.raises(ValueError, match=r"stop_token_ids must be < the vocabulary size 320"):
+            gen_small.generate([[1, 2]], SamplingParams(stop_token_ids=(10**6,), min_tokens=min_tokens))
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -59,6 +62,7 @@ def test_bad_token_ids_and_params(gen_small):
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens must be <= max_tokens"),
     ({"stop": ("",)}, "stop must be non-empty"),
     ({"temperature": float("nan")}, "temperature must be in"),
+    ({"stop_token_ids": (3, -1)}, "stop_token_ids must be token ids >= 0"),
 ])
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -76,6 +76,35 @@ def test_stop_strings_truncate_and_stream_holds_back(gen_text):
     assert "".join(gen_text.stream("lazy", params)) == out.text
 
 
+def test_stop_string_ending_before_min_tokens_is_not_a_stop(gen_text):
+    """Stop strings are checked from min_tokens on; an occurrence that ended before that was
+    already streamed, so it must not cut the text (stream and generate then disagreed)."""
+    free = gen_text.generate(["the quick"], SamplingParams(max_tokens=20, temperature=0))[0]
+    detok = IncrementalDetokenizer(gen_text.tokenizer)
+    ends = []  # text length after each token
+    for t in free.token_ids:
+        ends.append((ends[-1] if ends else 0) + len(detok.push(t)))
+    checked = 0
+    for k in range(2, 12):
+        before = free.text[: ends[k - 2]]
+        if len(before) < 3 or ends[k - 1] == ends[k - 2]:
+            continue
+        stop = before[-2:]  # ends exactly where token k-1 ends
+        params = SamplingParams(max_tokens=20, temperature=0, stop=(stop,), min_tokens=k)
+        out = gen_text.generate(["the quick"], params)[0]
+        assert "".join(gen_text.stream("the quick", params)) == out.text
+        assert out.text.startswith(before)  # the early occurrence did not cut it
+        checked += 1
+    assert checked > 0
+
+
+def test_tiny_temperature_is_greedy(gen_text):
+    greedy = gen_text.generate(["lazy"], SamplingParams(max_tokens=8, temperature=0))[0]
+    for t in (1e-6, 1e-40, 1e-300):  # logits / t overflowed float32 (NaN probabilities)
+        out = gen_text.generate(["lazy"], SamplingParams(max_tokens=8, temperature=t, seed=1))[0]
+        assert out.token_ids == greedy.token_ids
+
+
 def test_chat_prompt_uses_the_template(gen_text):
     messages = [{"role": "user", "content": "fox?"}]
     out = gen_text.generate([messages], SamplingParams(max_tokens=4, temperature=0))[0]

@@ -233,3 +233,18 @@ def test_sample_bad_params(backend):
         la[1] = row
         with pytest.raises(ValueError, match="rag_token_sample: log_alpha must be finite or -inf with a finite entry"):
             ops.rag_token_sample(la, logits, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_sample_tiny_temperature_is_greedy(backend):
+    log_alpha, logits = make_inputs(3, 4, 1000)
+
+    class Params:
+        top_k, top_p, min_p, seed = 0, 1.0, 0.0, 5
+
+    greedy, tiny = Params(), Params()
+    greedy.temperature, tiny.temperature = 0.0, 1e-30  # 1e-30: lp / T overflows float32
+    want, _ = ops.rag_token_sample(log_alpha, logits, greedy, backend=backend)
+    got, lp = ops.rag_token_sample(log_alpha, logits, tiny, backend=backend)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(lp).all()

@@ -157,6 +157,9 @@ class Generator:
         for p, prompt in zip(params, prompts, strict=True):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
+            vocab = self.session.spec.vocab_size
+            if any(t >= vocab for t in p.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab}, got {p.stop_token_ids!r}")
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
             detok, decode = None, None
             if self.tokenizer is not None and (stream or p.stop):  # text needed while generating

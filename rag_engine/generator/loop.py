@@ -83,10 +83,12 @@ class Row:
     def _add_text(self, delta: str, final: bool = False) -> None:
         if not delta or (self.finish_reason is not None and not final) or self.stopped_by_string:
             return
-        start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
+        old = len(self.text)
         self.text += delta
         if self.params.stop and len(self.tokens) >= self.params.min_tokens:
-            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            # Only occurrences that end in the new text: one that ended before it was there while
+            # stop strings were not yet checked (min_tokens) and may have been streamed already.
+            hits = [i for s in self.params.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
                 self.finish_reason, self.stopped_by_string = "stop", True

@@ -3,7 +3,7 @@
 Order of processing for each row, on the fp32 logits ``[V]`` of one step:
 min_tokens mask of stop tokens -> repetition penalty (prompt + output tokens, HF rule) ->
 frequency/presence penalties (output tokens, OpenAI rule) -> greedy argmax when temperature is
-0, else temperature -> top_k -> top_p -> min_p (the Hugging Face warper order) -> one draw from
+below 1e-5 (0 included), else temperature -> top_k -> top_p -> min_p (the Hugging Face warper order) -> one draw from
 the row's own seeded generator (inverse CDF, one uniform number per step).
 Logprobs are the model's raw log-softmax (before any processing), as vLLM reports them.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,6 +42,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
         _check_int("max_tokens", self.max_tokens, 1)
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
@@ -61,7 +64,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: a temperature this small is argmax (dividing float32 logits by, say, 1e-40
+        # overflows to inf and the softmax to NaN).
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def penalised(self) -> bool:

@@ -73,7 +73,7 @@ def rag_token_sample(
 
     sampling: any object with temperature, top_k, top_p, min_p, seed (e.g.
     rag_engine.generator.SamplingParams); None = plain sampling at temperature 1.
-    Applied in the generator's order: temperature on the marginal log-probs (0 =
+    Applied in the generator's order: temperature on the marginal log-probs (below 1e-5 =
     greedy argmax), top_k (ties kept), top_p, min_p, then the inverse CDF in
     token-id order (see reference.sample_log_probs). Random stream: row b uses
     the b-th of `generator.random(B)`, generator = np.random.default_rng(seed)
