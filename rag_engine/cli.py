@@ -35,7 +35,8 @@ def _read_text(path: Path) -> str | None:
 
 def iter_sources(sources: list[str]) -> Iterator[tuple[str, str, dict]]:
     """(doc id, text, metadata) from text/markdown files, folders of them, and JSONL files
-    (one object per line with "text" and optional "id" / "metadata")."""
+    (one object per line with "text" and optional "id" / "metadata"). A file's id is its path
+    as reached from the source given; a JSONL line without "id" gets "<path>:<line index>"."""
     for src in sources:
         path = Path(src)
         if not path.exists():
@@ -51,11 +52,14 @@ def iter_sources(sources: list[str]) -> Iterator[tuple[str, str, dict]]:
                         text = obj["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as exc:
                         raise ValueError(f"{f}:{n + 1}: expected a JSON object with a \"text\" field ({exc})") from exc
-                    yield str(obj.get("id", f"{f.stem}:{n}")), text, dict(obj.get("metadata", {}), source=str(f))
+                    meta = obj.get("metadata", {})
+                    if not isinstance(text, str) or not isinstance(meta, dict):
+                        raise ValueError(f"{f}:{n + 1}: \"text\" must be a string and \"metadata\" an object")
+                    yield str(obj.get("id", f"{f}:{n}")), text, dict(meta, source=str(f))
             elif f.suffix in TEXT_SUFFIXES or path == f:
                 text = _read_text(f)
-                if text is not None:
-                    yield str(f.relative_to(path) if path.is_dir() else f.name), text, {"source": str(f)}
+                if text is not None:  # the path as given: files of two folders keep apart
+                    yield str(f), text, {"source": str(f)}
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -72,6 +76,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         ids.append(doc_id)
         texts.append(text)
         metas.append(meta)
+    seen: dict[str, str] = {}
+    for doc_id, meta in zip(ids, metas, strict=True):
+        if doc_id in seen:
+            print(f"index build: document id {doc_id!r} comes from both {seen[doc_id]} and "
+                  f"{meta['source']}; give JSONL lines distinct \"id\"s", file=sys.stderr)
+            return 2
+        seen[doc_id] = meta["source"]
     if not texts:
         print("index build: no documents found (give files, folders, JSONL or --pydoc)", file=sys.stderr)
         return 2

@@ -271,12 +271,16 @@ class Engine:
                 raise ValueError(f"add_documents: id {dup!r} appears more than once in one call")
         replaced = any(i in self.index for i in ids)
         chunk_cfg = ChunkConfig(self.config.passage_tokens, self.config.overlap_tokens)
+        # A passage must fit the encoder with its special tokens, or its end is never embedded.
+        tok = self.encoder.tokenizer
+        specials = tok.num_special_tokens_to_add() if hasattr(tok, "num_special_tokens_to_add") else 2
+        max_tokens = self.encoder.config.max_length - specials
         for j, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"add_documents: texts[{j}] must be str, got {type(t).__name__}")
         chunks = []  # (doc index, spans, passages)
         for j in tqdm(range(len(texts)), desc="chunk documents", disable=not progress):
-            spans = chunk_spans(texts[j], self.encoder.tokenizer, chunk_cfg)
+            spans = chunk_spans(texts[j], self.encoder.tokenizer, chunk_cfg, max_tokens=max_tokens)
             if not spans:
                 log.warning("document %r has no text; not indexed", ids[j])
                 continue
@@ -310,15 +314,24 @@ class Engine:
         per_doc = self.config.max_passages_per_doc
         # Candidates before fusion / collapsing by document.
         depth = k if retriever != "hybrid" and not per_doc else max(4 * k, 40)
-        if retriever == "dense":
-            s, i = self.index.search_dense(qvecs, depth, where, self.config.threads)
-        elif retriever == "bm25":
-            s, i = self.index.search_bm25(queries, depth, where)
-        else:
-            s, i = hybrid.fuse(self.index.search_dense(qvecs, depth, where, self.config.threads),
-                               self.index.search_bm25(queries, depth, where), depth,
-                               self.config.hybrid_fusion, self.config.hybrid_dense_weight)
-        return self.index.collapse(s, i, k, per_doc) if depth != k else (s, i)
+        while True:
+            if retriever == "dense":
+                s, i = self.index.search_dense(qvecs, depth, where, self.config.threads)
+            elif retriever == "bm25":
+                s, i = self.index.search_bm25(queries, depth, where)
+            else:
+                s, i = hybrid.fuse(self.index.search_dense(qvecs, depth, where, self.config.threads),
+                                   self.index.search_bm25(queries, depth, where), depth,
+                                   self.config.hybrid_fusion, self.config.hybrid_dense_weight)
+            if depth == k:
+                return s, i
+            out_s, out_i = self.index.collapse(s, i, k, per_doc)
+            # A few long documents can fill every candidate: when a row came out short of k
+            # while its candidates ran to the end of the list, look deeper.
+            short = ((out_i < 0).any(axis=1) & (i >= 0).all(axis=1)).any()
+            if not short or depth >= len(self.index):
+                return out_s, out_i
+            depth = min(4 * depth, len(self.index))
 
     def retrieve(self, queries: str | Sequence[str], k: int | None = None, retriever: str | None = None,
                  where: dict[str, Any] | None = None) -> list[list[Hit]]:

@@ -73,11 +73,11 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
                                       eng.prefix_cache, cacheable):
         pass
     out = []
-    for r, d in zip(rows, docs):
+    for r, d, ids in zip(rows, docs, doc_ids, strict=True):
         dt = max(r.t_done - r.t_first, 1e-9)
         m = dict(metrics, prefill_ms=1e3 * (r.t_first - r.t_start), decode_ms=1e3 * dt,
                  decode_tokens_per_s=(len(r.tokens) - 1) / dt if len(r.tokens) > 1 else 0.0,
-                 prompt_tokens=sum(len(x) for x in doc_ids[0]), completion_tokens=len(r.tokens))
+                 prompt_tokens=sum(len(x) for x in ids), completion_tokens=len(r.tokens))
         out.append(RagOutput(r.text, _ordered(d), tuple(r.tokens), r.finish_reason or "length", m))
     return out
 

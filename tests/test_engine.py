@@ -352,3 +352,71 @@ def test_retrieved_counts_follow_index_changes(engine, encoder, generator, cache
     eng.save(tmp_path / "idx")
     assert not eng.retrieved  # saving renumbers passages
     assert eng.warm_prefix_cache(top=4) == 0
+
+
+def test_chunking_bounds_windows_and_keeps_words(encoder):
+    from rag_engine.retrieval.chunking import WORD_SLACK, ChunkConfig, chunk_spans
+
+    tok = encoder.tokenizer
+    count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    no_breaks = {"cjk": "自然语言处理是人工智能的一个分支" * 40, "csv": "col_a,col_b,col_c,value_x;" * 60}
+    for name, text in no_breaks.items():  # one passage per document before: words never ended
+        spans = chunk_spans(text, tok, ChunkConfig(16, 4))
+        assert len(spans) > 10, name
+        assert max(count(text[a:b]) for a, b in spans) <= 16 + WORD_SLACK, name
+        assert spans[0][0] == 0 and spans[-1][1] == len(text.rstrip()), name
+    words = ("The photographer used lithography internationally; notwithstanding misunderstandings, "
+             "antidisestablishmentarianism flourished. ") * 20
+    spans = chunk_spans(words, tok, ChunkConfig(16, 4))
+    for a, b in spans:  # whole words at both ends
+        assert a == 0 or not (words[a - 1].isalnum() and words[a].isalnum()), words[a - 5 : a + 5]
+        assert b == len(words) or not (words[b - 1].isalnum() and words[b].isalnum()), words[b - 5 : b + 5]
+    assert max(count(words[a:b]) for a, b in chunk_spans(words, tok, ChunkConfig(256, 32), max_tokens=254)) <= 254
+
+
+def test_default_passages_fit_the_encoder(encoder, cache_dir):
+    eng = Engine(EngineConfig(cache_dir=str(cache_dir)), encoder, None,
+                 PassageIndex(encoder.name, encoder.dim))
+    text = " ".join(["the cat sat on a mat and looked at birds in trees"] * 45) + " password swordfish"
+    eng.add_documents([text], ids=["doc"], progress=False)
+    limit = encoder.config.max_length
+    for pid in range(len(eng.index)):
+        assert len(encoder.tokenizer(eng.index.passage(pid).text)["input_ids"]) <= limit
+    assert eng.retrieve("swordfish password", k=1)[0][0].doc_id == "doc"
+
+
+def test_one_long_document_does_not_crowd_out_the_rest(encoder, cache_dir):
+    eng = bare_engine(encoder, cache_dir)  # max_passages_per_doc = 1: one hit per document
+    big = " ".join(f"Python lists hold items; entry {i} of the list tutorial explains indexing." for i in range(60))
+    eng.add_documents([big, "Tuples are immutable sequences.", "Sets hold unique items.",
+                       "Dictionaries map keys to values."], ids=["big", "t", "s", "d"], progress=False)
+    assert len(eng.index) > 40 * 1  # the long document alone fills the first candidate list
+    for retriever in ("dense", "hybrid"):
+        hits = eng.retrieve("python list items", k=4, retriever=retriever)[0]
+        assert sorted(h.doc_id for h in hits) == ["big", "d", "s", "t"], retriever
+
+
+def test_cli_sources_keep_ids_apart(tmp_path):
+    from rag_engine.cli import iter_sources
+
+    for team in ("teamA", "teamB"):
+        (tmp_path / team).mkdir()
+        (tmp_path / team / "README.md").write_text(f"{team} notes")
+        (tmp_path / team / "faq.jsonl").write_text(json.dumps({"text": f"{team} faq"}) + "\n")
+    docs = list(iter_sources([str(tmp_path / "teamA"), str(tmp_path / "teamB")]))
+    ids = [d[0] for d in docs]
+    assert len(ids) == 4 and len(set(ids)) == 4, ids  # README.md and faq:0 twice before
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "metadata": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: \"text\" must be a string and \"metadata\" an object"):
+        list(iter_sources([str(tmp_path / "bad.jsonl")]))
+
+
+def test_rag_token_prompt_tokens_per_query(engine):
+    from rag_engine.engine_generate import rag_doc_prompts
+
+    qs = ["How do I loop?", "What does a class statement define for a new type of object?"]
+    outs = engine.generate(qs, GREEDY, k=2, mode="rag_token")
+    for q, o in zip(qs, outs):
+        ids, _ = rag_doc_prompts(engine, q, o.documents, 2)
+        assert o.metrics["prompt_tokens"] == sum(len(x) for x in ids)  # was the first query's count
+    assert outs[0].metrics["prompt_tokens"] != outs[1].metrics["prompt_tokens"]

@@ -21,30 +21,56 @@ class ChunkConfig:
                              f"got {self.overlap_tokens}")
 
 
-def chunk_spans(text: str, tokenizer: Any, config: ChunkConfig = ChunkConfig()) -> list[tuple[int, int]]:
+# Tokens a window may grow by to finish a word, and its start may move back to begin one:
+# a bound, so text without word breaks (CJK without a word tokenizer, long identifiers, CSV)
+# still comes in windows of about passage_tokens.
+WORD_SLACK = 8
+
+
+def chunk_spans(text: str, tokenizer: Any, config: ChunkConfig = ChunkConfig(),
+                max_tokens: int | None = None) -> list[tuple[int, int]]:
     """Character spans `(start, end)` of the passages of `text`.
 
-    Windows of `passage_tokens` tokens advance by `passage_tokens - overlap_tokens`;
-    a window ends on a whitespace boundary of the token offsets, so words are
-    never cut. A text with no tokens gives no passages.
+    Windows of `passage_tokens` tokens advance by `passage_tokens - overlap_tokens`. A window
+    ends at the end of a word and starts at the start of one (words from the tokenizer's
+    word ids, else tokens that touch with no gap), moving by at most WORD_SLACK tokens, so a
+    word is cut only where it is longer than that. `max_tokens` caps every window (e.g. the
+    encoder's length less its special tokens). A text with no tokens gives no passages.
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False,
                     verbose=False)
-    offsets = [o for o in enc["offset_mapping"] if o[1] > o[0]]
+    keep = [i for i, o in enumerate(enc["offset_mapping"]) if o[1] > o[0]]
+    offsets = [enc["offset_mapping"][i] for i in keep]
     if not offsets:
         return []
-    step = config.passage_tokens - config.overlap_tokens
+    try:
+        all_words = enc.word_ids()
+        words = [all_words[i] for i in keep]
+    except (AttributeError, ValueError):  # a slow tokenizer has no word ids
+        words = None
+    if words is not None and any(w is None for w in words):
+        words = None
+
+    def same_word(i: int) -> bool:  # tokens i - 1 and i belong to one word
+        return words[i - 1] == words[i] if words is not None else offsets[i][0] == offsets[i - 1][1]
+
+    n, size = len(offsets), config.passage_tokens
+    cap = min(size + WORD_SLACK, max_tokens) if max_tokens is not None else size + WORD_SLACK
+    size = min(size, cap)
+    step = max(1, size - config.overlap_tokens)
     spans = []
     t0 = 0
     while True:
-        t1 = min(t0 + config.passage_tokens, len(offsets))
-        start, end = offsets[t0][0], offsets[t1 - 1][1]
-        if t1 < len(offsets):  # extend to the end of a word split into sub-tokens
-            while t1 < len(offsets) and offsets[t1][0] == end:
-                end = offsets[t1][1]
-                t1 += 1
-        spans.append((start, end))
-        if t1 >= len(offsets):
+        t1 = min(t0 + size, n)
+        while t1 < n and t1 - t0 < cap and same_word(t1):  # finish the last word
+            t1 += 1
+        spans.append((offsets[t0][0], offsets[t1 - 1][1]))
+        if t1 >= n:
             break
-        t0 += step
+        nxt = t0 + step
+        back = 0
+        while nxt - 1 > t0 and back < WORD_SLACK and same_word(nxt):  # start at a word's start
+            nxt -= 1
+            back += 1
+        t0 = nxt
     return spans
