@@ -23,19 +23,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, clean_blas_env, timeit, write_json  # noqa: E402
+from common import clean_blas_env, timeit, write_json  # noqa: E402
 
 TEMPLATES = ("What does the documentation say about {}?", "Explain: {}", "In Python, what is meant by {}?",
              "Summarise the passage on {}.")
 
 
 def load_engine(threads: int, cache_mb: int):
-    from eval_qa import build_engine
+    from eval_qa import build_engine, eval_index_path
 
     from rag_engine.engine import Engine
 
     build_engine(256, 128, "fp32")  # builds and saves the index once
-    return Engine.load(ROOT / ".cache" / "eval_index_p256_o128", threads=threads, k=4, mode="rag_token",
+    return Engine.load(eval_index_path(256, 128), threads=threads, k=4, mode="rag_token",
                        prefix_cache_bytes=cache_mb << 20)
 
 

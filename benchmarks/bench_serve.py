@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, clean_blas_env, write_json  # noqa: E402
+from common import clean_blas_env, write_json  # noqa: E402
 
 
 def percentiles(xs) -> dict[str, float]:
@@ -90,7 +90,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main() -> None:
     clean_blas_env()
-    from eval_qa import build_engine, load_qa
+    from eval_qa import build_engine, eval_index_path, load_qa
 
     from rag_engine import SamplingParams
 
@@ -106,7 +106,7 @@ def main() -> None:
     from rag_engine.engine import Engine
 
     build_engine(128, 32, "fp32")  # builds and saves the index once
-    eng = Engine.load(ROOT / ".cache" / "eval_index_p128_o32", threads=args.threads, k=args.k, mode="concat",
+    eng = Engine.load(eval_index_path(128, 32), threads=args.threads, k=args.k, mode="concat",
                       prefix_cache_bytes=0, max_batch_rows=args.max_batch_rows, max_waiting=args.requests,
                       max_prefill_tokens=args.max_prefill_tokens)
     qa = load_qa()

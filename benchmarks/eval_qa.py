@@ -51,11 +51,17 @@ def accuracy(texts, qa) -> float:
     return float(np.mean([any(kw.lower() in t.lower() for kw in item["keywords"]) for t, item in zip(texts, qa)]))
 
 
+def eval_index_path(passage_tokens: int, overlap: int) -> Path:
+    from rag_engine.retrieval.chunking import CHUNKER_VERSION
+
+    return ROOT / ".cache" / f"eval_index_p{passage_tokens}_o{overlap}_c{CHUNKER_VERSION}"
+
+
 def build_engine(passage_tokens: int, overlap: int, precision: str, int8_method: str = "nbits"):
     from rag_engine.cli import pydoc_corpus
     from rag_engine.engine import Engine
 
-    path = ROOT / ".cache" / f"eval_index_p{passage_tokens}_o{overlap}"
+    path = eval_index_path(passage_tokens, overlap)
     if (path / "CURRENT").exists():
         return Engine.load(path, load_generator=False, generator_precision=precision,
                            generator_int8_method=int8_method)

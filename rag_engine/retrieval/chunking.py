@@ -21,6 +21,8 @@ class ChunkConfig:
                              f"got {self.overlap_tokens}")
 
 
+# Bumped when the same text and settings give different passages (cached indexes keyed by it).
+CHUNKER_VERSION = 2
 # Tokens a window may grow by to finish a word, and its start may move back to begin one:
 # a bound, so text without word breaks (CJK without a word tokenizer, long identifiers, CSV)
 # still comes in windows of about passage_tokens.
