@@ -63,8 +63,17 @@ def build_engine(passage_tokens: int, overlap: int, precision: str, int8_method:
 
     path = eval_index_path(passage_tokens, overlap)
     if (path / "CURRENT").exists():
-        return Engine.load(path, load_generator=False, generator_precision=precision,
-                           generator_int8_method=int8_method)
+        # Only the index comes from the cache: every other setting (prompt, budgets, retriever)
+        # is this revision's default, not whatever the engine.json saved with the cache says.
+        import dataclasses
+
+        from rag_engine.engine import EngineConfig
+
+        index_fields = {"encoder", "encoder_precision", "index_dtype", "passage_tokens", "overlap_tokens"}
+        current = {f.name: getattr(EngineConfig(), f.name) for f in dataclasses.fields(EngineConfig)
+                   if f.name not in index_fields}
+        return Engine.load(path, load_generator=False, **(current | {
+            "generator_precision": precision, "generator_int8_method": int8_method}))
     eng = Engine.from_pretrained("default", load_generator=False, passage_tokens=passage_tokens,
                                  overlap_tokens=overlap, generator_precision=precision,
                                  generator_int8_method=int8_method)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Measured on benchmarks/eval_qa.py with SmolLM2-135M: asking the model to copy the context's
-# own words beat asking for short cited answers (0.33 vs 0.23 keyword accuracy at k=1).
-SYSTEM_PROMPT = ("Answer the question using only the context below. "
-                 "Copy the exact words, names and code from the context.")
+# Measured on benchmarks/eval_qa.py with SmolLM2-135M (top-1 passage, greedy, frequency penalty
+# 0.5): short cited answers 0.271 (fp32) / 0.264 (int8) keyword accuracy, against 0.215 / 0.229
+# for "Answer the question using only the context below. Copy the exact words, names and code
+# from the context."
+SYSTEM_PROMPT = ("You are a concise assistant for the Python language. Answer the question "
+                 "using the context passages, in one or two sentences, and cite them as [1], [2].")
 BARE_SYSTEM_PROMPT = "You are a concise assistant for the Python language. Answer in one or two sentences."
 
 

@@ -22,7 +22,7 @@ class ChunkConfig:
 
 
 # Bumped when the same text and settings give different passages (cached indexes keyed by it).
-CHUNKER_VERSION = 2
+CHUNKER_VERSION = 3
 # Tokens a window may grow by to finish a word, and its start may move back to begin one:
 # a bound, so text without word breaks (CJK without a word tokenizer, long identifiers, CSV)
 # still comes in windows of about passage_tokens.
@@ -66,6 +66,10 @@ def chunk_spans(text: str, tokenizer: Any, config: ChunkConfig = ChunkConfig(),
         t1 = min(t0 + size, n)
         while t1 < n and t1 - t0 < cap and same_word(t1):  # finish the last word
             t1 += 1
+        back = 0
+        while t1 < n and t1 - 1 > t0 and back < WORD_SLACK and same_word(t1):  # at the cap: end before it
+            t1 -= 1
+            back += 1
         spans.append((offsets[t0][0], offsets[t1 - 1][1]))
         if t1 >= n:
             break
