@@ -220,7 +220,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, load_generator: bool = True, verify: bool = True, **overrides: Any) -> Engine:
-        version, _ = open_version(Path(path), verify=verify)
+        version, manifest = open_version(Path(path), verify=verify)
         try:
             saved = json.loads((version / ENGINE_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -236,7 +236,7 @@ class Engine:
         config = EngineConfig(**(saved | overrides))  # a bad override is the caller's ValueError
         encoder = Encoder.from_pretrained(EncoderConfig(config.encoder, config.encoder_precision,
                                                         threads=config.threads), config.cache_dir)
-        index = PassageIndex.load(path, encoder_name=encoder.name, verify=False)
+        index = PassageIndex.load(path, encoder_name=encoder.name, opened=(version, manifest))
         if index.dim != encoder.dim:
             raise IndexFormatError(f"{path}: index dim {index.dim}, encoder dim {encoder.dim}")
         w_a = np.load(version / FUSION_FILE) if (version / FUSION_FILE).exists() else None

@@ -324,12 +324,16 @@ class PassageIndex:
         self._bm25 = self._faiss = None
 
     @classmethod
-    def load(cls, path: str | Path, encoder_name: str | None = None, verify: bool = True) -> PassageIndex:
+    def load(cls, path: str | Path, encoder_name: str | None = None, verify: bool = True,
+             opened: tuple[Path, dict] | None = None) -> PassageIndex:
         """Open a saved index; vectors are memory-mapped (copied on the first add).
 
         encoder_name: if given, the index must have been built by that encoder.
+        opened: the (version folder, manifest) a caller already took from
+        `persist.open_version`, so that everything it reads comes from that one version
+        (reading CURRENT again could land on a newer save).
         """
-        version, man = persist.open_version(Path(path), verify=verify)
+        version, man = opened if opened is not None else persist.open_version(Path(path), verify=verify)
         fields = {"encoder": str, "dim": int, "dtype": str, "num_passages": int}
         bad = [k for k, t in fields.items() if not isinstance(man.get(k), t) or isinstance(man.get(k), bool)]
         if bad:
