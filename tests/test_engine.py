@@ -420,3 +420,13 @@ def test_rag_token_prompt_tokens_per_query(engine):
         ids, _ = rag_doc_prompts(engine, q, o.documents, 2)
         assert o.metrics["prompt_tokens"] == sum(len(x) for x in ids)  # was the first query's count
     assert outs[0].metrics["prompt_tokens"] != outs[1].metrics["prompt_tokens"]
+
+
+def test_where_filters_use_json_equality(encoder, cache_dir):
+    eng = bare_engine(encoder, cache_dir)
+    eng.add_documents(["apples are red", "bananas are yellow", "cherries are small"], ids=list("abc"),
+                      metadata=[{"n": 1}, {"n": True}, {}], progress=False)
+    docs = lambda where: sorted(h.doc_id for h in eng.retrieve("fruit", k=3, where=where)[0])  # noqa: E731
+    assert docs({"n": 1}) == ["a"]  # True == 1 in Python, not in JSON
+    assert docs({"n": True}) == ["b"]
+    assert docs({"n": None}) == []  # a missing key is not a null value

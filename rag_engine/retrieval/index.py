@@ -64,6 +64,15 @@ def json_metadata(metadata: dict[str, Any] | None, op: str) -> dict[str, Any]:
                         f"None, list, dict values): {exc}") from exc
 
 
+def _meta_equal(meta: dict[str, Any], key: str, value: Any) -> bool:
+    """JSON equality of one metadata field: a missing key matches nothing (not even None), and
+    true/false are not the numbers 1/0."""
+    if key not in meta:
+        return False
+    have = meta[key]
+    return have == value and isinstance(have, bool) == isinstance(value, bool)
+
+
 def _json_value(v: Any) -> Any:
     try:
         return json.loads(json.dumps(v))
@@ -207,7 +216,7 @@ class PassageIndex:
             mask = np.zeros(len(self._passages), np.bool_)
             for pids in self._by_doc.values():
                 meta = self._passages[pids[0]].metadata
-                if all(meta.get(k) == v for k, v in want.items()):
+                if all(_meta_equal(meta, k, v) for k, v in want.items()):
                     mask[pids] = True
             mask.flags.writeable = False
             if len(self._masks) >= 64:
