@@ -29,7 +29,16 @@ log = logging.getLogger(__name__)
 
 LATENT_META, LATENT_P, LATENT_GATE = "latent.json", "latent_p.npy", "latent_gate.npy"
 PROMPT_FORMATS = ("text", "chat")
-PLACEHOLDER_ID = 0  # token id standing in for a soft-prompt position in a row's prompt
+# A soft-prompt position in a row's prompt holds the id vocab_size + i * m + j: soft prompt i,
+# vector j. The id travels with its row wherever the generator reorders or splits prompts
+# (rows sorted by length, long prompts prefilled in pieces), and is never a real token.
+
+
+@dataclass(frozen=True)
+class _SoftIds:
+    """A prompt whose ids already hold soft-prompt positions (passed through encode as is)."""
+
+    ids: np.ndarray
 
 
 class LatentWeightsError(IndexFormatError):
@@ -136,23 +145,25 @@ def prompt_ids(tokenizer, query: str | Sequence[int], passages: Sequence[str], p
 
 
 class _EmbeddingSession:
-    """Drives an inputs_embeds export with token ids: looks rows up in the embedding table and
-    puts the queued soft prompts at positions 0..m-1 of each prefill (one batch per prefill)."""
+    """Drives an inputs_embeds export with token ids: looks tokens up in the embedding table and
+    soft-prompt ids (>= vocab_size, see _SoftIds) up in the queued soft prompts."""
 
     def __init__(self, session: DecoderSession, embed: np.ndarray) -> None:
         self.session, self.embed, self.spec = session, embed, session.spec
-        self._queue: np.ndarray | None = None  # [N, m, hidden] for the next prefills, in row order
-        self._taken = 0
+        self._soft: np.ndarray | None = None  # [N * m, hidden]: vector j of soft prompt i at i * m + j
 
     def queue(self, soft: np.ndarray | None) -> None:
-        self._queue, self._taken = soft, 0
+        self._soft = None if soft is None else soft.reshape(-1, soft.shape[-1])
 
     def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
-        embeds = self.embed[ids]
-        if self._queue is not None:
-            soft = self._queue[self._taken : self._taken + ids.shape[0]]
-            embeds[:, : soft.shape[1]] = soft
-            self._taken += ids.shape[0]
+        vocab = self.spec.vocab_size
+        soft = ids >= vocab
+        if not soft.any():
+            return self.session.run(self.embed[ids], mask, positions, cache)
+        if self._soft is None or ids.max() - vocab >= self._soft.shape[0]:
+            raise ValueError("prompt has soft-prompt positions but no soft prompts were given for them")
+        embeds = self.embed[np.where(soft, 0, ids)]
+        embeds[soft] = self._soft[ids[soft] - vocab]
         return self.session.run(embeds, mask, positions, cache)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, cache) -> np.ndarray:
@@ -204,7 +215,17 @@ class SoftPromptGenerator(Generator):
         if soft is not None and (soft.ndim != 3 or soft.shape[0] != len(prompt_list)
                                  or soft.shape[2] != self.spec_hidden):
             raise ValueError(f"soft prompts must be [{len(prompt_list)}, m, {self.spec_hidden}], got {soft.shape}")
-        return [np.concatenate([np.full(m, PLACEHOLDER_ID, np.int64), self.encode(p)]) for p in prompt_list]
+        base = self.session.spec.vocab_size
+        return [_SoftIds(np.concatenate([base + i * m + np.arange(m, dtype=np.int64), self.encode(p)]))
+                for i, p in enumerate(prompt_list)]
+
+    def encode(self, prompt) -> np.ndarray:
+        if isinstance(prompt, _SoftIds):  # built by _with_placeholders from checked prompts
+            if prompt.ids.size >= self.max_context:
+                raise ValueError(f"prompt has {prompt.ids.size} positions with its soft prompts: expected "
+                                 f"fewer than the model's context of {self.max_context}")
+            return prompt.ids
+        return super().encode(prompt)
 
     @property
     def spec_hidden(self) -> int:

@@ -79,6 +79,46 @@ def test_soft_prompts_match_torch_ragged_batch(model, soft_gen):
         soft_gen.generate_soft(prompts, soft[:1], GREEDY)
 
 
+def test_soft_prompts_follow_their_rows(model, soft_gen, monkeypatch):
+    """The generator reorders rows (longest prompt first) and prefills long prompts in pieces:
+    each row must still get its own soft prompt (they were handed out in call order)."""
+    from rag_engine.generator import loop
+
+    rng = np.random.default_rng(2)
+    soft = (rng.standard_normal((3, 4, soft_gen.spec_hidden)) * 0.5).astype(np.float32)
+    prompts = [[30, 31], [5, 17, 3, 99, 42, 7, 8], [int(t) for t in rng.integers(1, 300, 20)]]
+    monkeypatch.setattr(loop, "PREFILL_PIECE", 8)  # the 24-position row goes in three pieces
+    outs = soft_gen.generate_soft(prompts, soft, GREEDY)
+    for o, s, p in zip(outs, soft, prompts):
+        assert list(o.token_ids) == torch_greedy(model, s, p, GREEDY.max_tokens)
+    penalised = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    assert len(soft_gen.generate_soft(prompts, soft, penalised)) == 3  # soft positions are not tokens
+
+
+def test_rag_token_rows_finish_by_their_own_prompts(soft_gen):
+    """A query's context limit comes from its own document prompts, not a later query's."""
+    from rag_engine.generator.loop import Row
+    from rag_engine.modes import rag_token_generate
+
+    ctx = soft_gen.max_context
+    params = SamplingParams(max_tokens=ctx, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    short = [rng.integers(1, 300, 10) for _ in range(2)]
+    long_ = [rng.integers(1, 300, ctx - 16) for _ in range(2)]
+    la = np.log(np.full((1, 2), 0.5, np.float32))
+
+    def run(doc_prompts):
+        rows = [Row(np.array([1]), params, frozenset(), None) for _ in doc_prompts]
+        for _ in rag_token_generate(soft_gen, doc_prompts, np.concatenate([la] * len(doc_prompts)),
+                                    [params] * len(doc_prompts), rows):
+            pass
+        return rows
+
+    alone, both = run([short])[0], run([short, long_])
+    assert both[0].tokens == alone.tokens  # it stopped after 15 tokens when batched with the long query
+    assert len(both[1].tokens) < len(alone.tokens)
+
+
 def test_zero_gate_gives_zero_soft_prompts_and_project_matches_module():
     fusion = BilinearFusion(16, soft_prompts=3, hidden_size=8)
     h = torch.randn(2, 16)

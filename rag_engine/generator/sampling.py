@@ -156,7 +156,8 @@ class Sampler:
             self.counts = np.zeros((len(self.params), vocab_size), np.int32)
             self.seen = np.zeros((len(self.params), vocab_size), bool)
             for row, ids in enumerate(prompts):
-                self.seen[row, np.asarray(ids, np.int64)] = True
+                ids = np.asarray(ids, np.int64)
+                self.seen[row, ids[ids < vocab_size]] = True  # ids >= vocab: soft-prompt positions
 
     def keep(self, rows: np.ndarray) -> None:
         """Drop finished rows: ``rows`` are the indices (in order) that stay."""
