@@ -92,8 +92,10 @@ def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, re
         probe = _concat_messages(eng, PROBE, docs) if messages is None or docs else None
         seq = single_seq(row(ids), cacheable_len(eng, ids, probe) if probe else 0)
         return Request([seq], handle, lambda req: output_of_row(req.seqs[0].row, _ordered(docs), metrics))
-    ids, cacheable = rag_doc_prompts(eng, query, docs, k)
-    la = modes.log_alphas(docs, k)
+    # One row per retrieved passage (as Engine.generate), not per requested k: slots with no
+    # passage would decode rows of weight 0.
+    ids, cacheable = rag_doc_prompts(eng, query, docs, len(docs))
+    la = modes.log_alphas(docs, len(docs))
     if mode == "rag_token":
         seq = mixed_seq(ids, la, row(gen.encode(prompts.concat_messages(query, []))), cacheable)
         n = sum(len(x) for x in ids)
@@ -117,30 +119,38 @@ def _as_generation(row):
     return dataclasses.make_dataclass("RowOutput", ["token_ids", "logprobs"])(tuple(row.tokens), row.logprobs)
 
 
-def _checked(eng, params, k, mode):
-    from rag_engine.engine import MODES, _check_k
+def _checked(eng, query, params, k, mode):
+    from rag_engine.engine import DEFAULT_PARAMS, MODES, _check_k, _query_list
 
+    _query_list(query)  # a non-empty question (the same check as Engine.generate)
     mode = mode or eng.config.mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     k = eng.config.k if k is None else _check_k(k)
-    return params or SamplingParams(max_tokens=128, temperature=0.0), k, mode
+    return params or DEFAULT_PARAMS, k, mode
 
 
 def submit(eng, query: str, params: SamplingParams | None, k: int | None, mode: str | None,
            retriever: str | None, where: dict | None, messages: list[dict] | None = None,
-           loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-    """Retrieve and tokenise in the calling thread, then queue on the scheduler."""
-    params, k, mode = _checked(eng, params, k, mode)
+           loop: asyncio.AbstractEventLoop | None = None, fit_max_tokens: bool = False) -> RequestHandle:
+    """Retrieve and tokenise in the calling thread, then queue on the scheduler.
+
+    ``fit_max_tokens``: params.max_tokens is a default the caller did not ask for; a prompt too
+    long for it gets fewer new tokens instead of an error (as vLLM does)."""
+    params, k, mode = _checked(eng, query, params, k, mode)
     handle = RequestHandle(loop)
-    return eng.scheduler.submit(build_request(eng, query, params, k, mode, retriever, where, handle, messages))
+    request = build_request(eng, query, params, k, mode, retriever, where, handle, messages)
+    request.fit_max_tokens = fit_max_tokens
+    return eng.scheduler.submit(request)
 
 
 async def asubmit(eng, query: str, params: SamplingParams | None, k: int | None, mode: str | None,
-                  retriever: str | None, where: dict | None, messages: list[dict] | None = None) -> RequestHandle:
+                  retriever: str | None, where: dict | None, messages: list[dict] | None = None,
+                  fit_max_tokens: bool = False) -> RequestHandle:
     """``submit`` from asyncio: retrieval runs in a worker thread; events arrive on this loop."""
     loop = asyncio.get_running_loop()
-    return await asyncio.to_thread(submit, eng, query, params, k, mode, retriever, where, messages, loop)
+    return await asyncio.to_thread(submit, eng, query, params, k, mode, retriever, where, messages, loop,
+                                   fit_max_tokens)
 
 
 def warm_prefix_cache(eng, passage_ids: Sequence[int] | None, queries: Sequence[str] | None, top: int,

@@ -79,8 +79,8 @@ def log_alphas(docs: Sequence, k: int) -> np.ndarray:
 
 
 def make_row(gen: Generator, prompt: np.ndarray, params: SamplingParams) -> Row:
-    stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else gen.eos_token_ids)
-    return Row(prompt, params, stop_ids, IncrementalDetokenizer(gen.tokenizer, params.skip_special_tokens))
+    return Row(prompt, params, gen.stop_ids_for(params),
+               IncrementalDetokenizer(gen.tokenizer, params.skip_special_tokens))
 
 
 def choose_sequence(outputs: Sequence[GenerationOutput], log_alpha: np.ndarray) -> int:

@@ -15,6 +15,7 @@ distributions are mixed by α (rag_token, through ``ops.rag_token_marg``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -169,6 +170,7 @@ class Request:
     finish: Callable[[Request], object]
     stream: bool = True  # False: text is delivered by finish() only (e.g. rag_sequence's choice)
     t_submit: float = field(default_factory=time.perf_counter)
+    fit_max_tokens: bool = False  # max_tokens was a default: shrink it to the context instead of refusing
 
     @property
     def positions(self) -> int:
@@ -198,6 +200,7 @@ class Scheduler:
         self.lock = lock or threading.RLock()  # held while the session runs
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
+        self._fresh: list[Request] = []  # admitted by the current step, not yet running
         self._wake = threading.Condition()
         self._closed = False
         self.counters = dict(requests=0, finished=0, cancelled=0, rejected=0, steps=0,
@@ -212,6 +215,10 @@ class Scheduler:
         cfg = self.config
         for seq in request.seqs:
             longest = max(len(p) for p in seq.prompts)
+            if request.fit_max_tokens and longest < self.max_len:
+                fit = min(seq.row.params.max_tokens, self.max_len - longest)
+                seq.row.params = dataclasses.replace(seq.row.params, max_tokens=fit,
+                                                     min_tokens=min(seq.row.params.min_tokens, fit))
             if longest + seq.row.params.max_tokens > self.max_len:
                 raise ValueError(f"prompt ({longest} tokens) + max_tokens ({seq.row.params.max_tokens}) exceeds "
                                  f"the context of {self.max_len} tokens")
@@ -260,14 +267,15 @@ class Scheduler:
                     self.step()
             except Exception as exc:  # a failing step fails its requests, never the thread
                 log.exception("scheduler step failed")
-                for req in self._running:
+                # the newcomers too: admitted off the queue, they join _running only after prefill
+                for req in self._running + [r for r in self._fresh if r not in self._running]:
                     req.handle.fail(exc)
-                self._running, self.cache.batch = [], 0
+                self._running, self._fresh, self.cache.batch = [], [], 0
 
     def step(self) -> None:
         """Drop finished/cancelled sequences, admit and prefill newcomers, decode one token."""
         self._drop()
-        fresh = self._admit()
+        fresh = self._fresh = self._admit()
         c = self.counters
         if fresh:
             self._fit(max(len(p) + s.row.params.max_tokens for r in fresh for s in r.seqs for p in s.prompts))
@@ -276,6 +284,7 @@ class Scheduler:
             # decode steps run between prefill pieces are counted as decode, not prefill
             c["prefill_seconds"] += time.perf_counter() - t0 - (c["decode_seconds"] - d0)
             c["prefill_calls"] += 1
+            self._fresh = []  # in _running now
             self._drop()
         if self._running:
             self._timed_decode()
@@ -321,8 +330,8 @@ class Scheduler:
                         s.sampler = None
                     start += s.width
             if req.done:
-                self.counters["finished"] += 1
                 if not req.handle.cancelled:
+                    self.counters["finished"] += 1
                     out = req.finish(req)
                     if not req.stream:
                         req.handle.push(getattr(out, "text", ""))

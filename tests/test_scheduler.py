@@ -174,3 +174,44 @@ def test_chunked_prefill_decodes_running_rows_between_pieces(generator):  # noqa
         assert stats["prefill_chunk_breaks"] >= 1 and stats["generated_tokens"] > before
     finally:
         sched.close()
+
+
+def test_failed_step_fails_every_request_it_holds(encoder, generator, cache_dir, monkeypatch):  # noqa: F811
+    """A step that raises while prefilling newcomers must fail them too (they hung forever)."""
+    eng = make_engine(encoder, generator, cache_dir, k=0, mode="concat")
+    try:
+        sched = eng.scheduler
+        real = sched._prefill
+
+        def broken(fresh):
+            raise RuntimeError("prefill exploded")
+
+        monkeypatch.setattr(sched, "_prefill", broken)
+        handles = [eng.submit(q, GREEDY) for q in ("What is a class?", "How do I loop?")]
+        for h in handles:
+            with pytest.raises(RuntimeError, match="prefill exploded"):
+                h.result(timeout=30)
+        monkeypatch.setattr(sched, "_prefill", real)
+        assert eng.submit("What is a class?", GREEDY).result(timeout=60).token_ids
+        with pytest.raises(ValueError, match="queries\\[0\\] is empty"):
+            eng.submit("   ", GREEDY)
+        with pytest.raises(ValueError, match="stop_token_ids must be < the vocabulary size"):
+            eng.submit("What is a class?", SamplingParams(stop_token_ids=(10**6,), min_tokens=1))
+    finally:
+        eng.close()
+
+
+def test_rag_requests_use_one_row_per_retrieved_passage(encoder, generator, cache_dir):  # noqa: F811
+    eng = make_engine(encoder, generator, cache_dir, mode="rag_token")
+    try:
+        q = "How do I read a file?"
+        ref = eng.generate([q], GREEDY, k=12)[0]  # 4 documents: 4 rows
+        out = eng.submit(q, GREEDY, k=12).result(timeout=60)
+        assert out.token_ids == ref.token_ids
+        assert out.metrics["prompt_tokens"] == ref.metrics["prompt_tokens"]  # rows for 12 slots before
+        from rag_engine.engine import DEFAULT_PARAMS
+        from rag_engine.engine_serve import _checked
+
+        assert _checked(eng, q, None, None, None)[0] is DEFAULT_PARAMS  # as generate (no frequency penalty before)
+    finally:
+        eng.close()

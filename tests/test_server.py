@@ -88,6 +88,9 @@ def test_completions_and_chat_match_the_engine(server):
     (json.dumps({"prompt": "hi", "k": -1}).encode(), 400, "k"),
     (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "does not exist"),
     (json.dumps({"prompt": "x" * 5000}).encode(), 413, "exceeds the limit"),
+    (json.dumps({"prompt": "hi", "max_tokens": "3"}).encode(), 400, "max_tokens"),  # "3" is not 3
+    (json.dumps({"prompt": "hi", "k": True}).encode(), 400, "k"),
+    (json.dumps({"prompt": ["  "]}).encode(), 400, "empty"),
 ])
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, body, status, needle):
     r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -180,3 +183,45 @@ def test_load_of_a_few_hundred_requests(server):
     assert max(rss[len(rss) // 2:]) - min(rss[len(rss) // 2:]) < 64 << 20  # stable in the second half
     wait_idle(server.engine)
     assert server.engine.stats()["running"] == 0
+
+
+def test_chunked_body_limit_default_max_tokens_and_failures(server, monkeypatch):
+    # A body without content-length is counted as it arrives.
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+    # Without max_tokens the default shrinks to the context left instead of refusing the prompt.
+    from rag_engine.engine_generate import _concat_messages
+
+    eng = server.engine
+    ctx = eng.scheduler.max_len
+    n = next(n for n in range(1, ctx) if len(eng.generator.encode(_concat_messages(eng, "a" * n, []))) >= ctx - 3)
+    prompt = "a" * n  # 3 positions left: fewer than the default max_tokens of 8
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "k": 0, "temperature": 0.0},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 3
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "k": 0, "max_tokens": ctx}, timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    # A request that fails inside the engine gets an OpenAI error body, streamed or not.
+    from rag_engine.generator import sampling
+
+    def broken(self, logits):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(sampling.Sampler, "sample", broken)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "What is a class?", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "sampler exploded" in r.json()["error"]["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "What is a class?", "max_tokens": 2, "stream": True}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-1][6:])["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    ok = server.client.completions.create(model="tiny", prompt="What is a class?", max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -147,6 +147,13 @@ class Generator:
             raise ValueError("text and chat prompts need a tokenizer; this Generator has none (pass token ids)")
         return self.tokenizer
 
+    def stop_ids_for(self, p: SamplingParams) -> frozenset[int]:
+        """Token ids that end a row under ``p`` (its stop_token_ids, plus EOS unless ignored)."""
+        vocab = self.session.spec.vocab_size
+        if any(t >= vocab for t in p.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab}, got {p.stop_token_ids!r}")
+        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+
     def _rows(self, prompts: Sequence[Prompt], params, stream: bool = False) -> list[Row]:
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
@@ -157,10 +164,7 @@ class Generator:
         for p, prompt in zip(params, prompts, strict=True):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
-            vocab = self.session.spec.vocab_size
-            if any(t >= vocab for t in p.stop_token_ids):
-                raise ValueError(f"stop_token_ids must be < the vocabulary size {vocab}, got {p.stop_token_ids!r}")
-            stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+            stop_ids = self.stop_ids_for(p)
             detok, decode = None, None
             if self.tokenizer is not None and (stream or p.stop):  # text needed while generating
                 detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)

@@ -43,6 +43,31 @@ class ServerConfig:
     retry_after_s: int = 1
 
 
+class _ChunkedBodyLimit:
+    """ASGI middleware: a body sent without content-length (chunked) is counted as it arrives and
+    refused past ``limit`` bytes (the content-length check cannot see it). The refusal is an
+    HTTPException(413), which FastAPI's body parsing passes through to the error handler."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or any(k.lower() == b"content-length" for k, _ in scope.get("headers", ())):
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
                  headers: dict | None = None) -> None:
@@ -61,6 +86,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     def fail(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
              headers: dict | None = None) -> JSONResponse:
         return JSONResponse(error_json(message, kind, code), status_code=status, headers=headers)
+
+    app.add_middleware(_ChunkedBodyLimit, limit=cfg.max_body_bytes)
 
     @app.middleware("http")
     async def bound_body(request: Request, call_next):
@@ -85,7 +112,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         metrics.request(request.url.path, exc.status_code)
-        return fail(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return fail(exc.status_code, str(exc.detail),
+                    code={404: "not_found", 413: "request_too_large"}.get(exc.status_code))
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
@@ -119,7 +147,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             chat = messages if k == 0 else None
             state["in_flight"] += 1
             try:
-                return await asubmit(engine, question, params, k, body.mode, body.retriever, None, chat)
+                return await asubmit(engine, question, params, k, body.mode, body.retriever, None, chat,
+                                     fit_max_tokens=body.max_tokens is None)
             except BaseException:
                 state["in_flight"] -= 1
                 raise
@@ -141,6 +170,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if not body.stream:
             try:
                 out = await handle.aresult()
+            except Exception as exc:  # the request failed inside the engine: an OpenAI error body
+                log.error("request failed: %s: %s", type(exc).__name__, exc)
+                raise BadRequest(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from exc
             finally:
                 finished(handle)
             metrics.request(endpoint, 200)
@@ -167,8 +199,14 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
         async def events():
             yield chunk(None, None, first=True)
-            async for delta in handle.adeltas():
-                yield chunk(delta, None)
+            try:
+                async for delta in handle.adeltas():
+                    yield chunk(delta, None)
+            except Exception as exc:  # failed inside the engine: say so in the stream, then end it
+                log.error("streamed request failed: %s: %s", type(exc).__name__, exc)
+                err = error_json(f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+                yield f"data: {json.dumps(err)}\n\n"
+                return
             if handle.output is None:  # cancelled
                 return
             yield chunk(None, handle.output.finish_reason)

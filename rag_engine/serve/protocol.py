@@ -17,7 +17,7 @@ from rag_engine.generator import SamplingParams
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, true is not 1
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -62,7 +62,7 @@ class CompletionRequest(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "3" is not 3, true is not 1
 
     role: Literal["system", "user", "assistant"]
     content: str
