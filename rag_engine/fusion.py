@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rag_engine import ops, reference
-from rag_engine.corpus import as_numpy
+from rag_engine.ops.fusion import checked_gather_ids
 
 _KERNEL_DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,6 +38,16 @@ def _fused_forward(h_in: torch.Tensor, docs: torch.Tensor, w: torch.Tensor | Non
                                       None if w is None else w.detach().contiguous(),
                                       mask=None if mask is None else mask.contiguous(), backend=backend)
     return torch.from_numpy(alpha), torch.from_numpy(h_aug)
+
+
+def _bool_mask(mask: Any, op: str) -> torch.Tensor | None:
+    """A bool [B, K] tensor from a tensor or an array (the op's rule: bool only)."""
+    if mask is None:
+        return None
+    t = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask))
+    if t.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be bool, got {t.dtype}")
+    return t
 
 
 class FusionSoftmaxFunction(torch.autograd.Function):
@@ -103,7 +113,7 @@ class BilinearFusion(nn.Module):
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h_in [B, D], docs [B, K, D], mask [B, K] bool (False = padded) -> alpha [B, K], h_aug [B, D]."""
         w = self.W_a if self.W_a.dtype == h_in.dtype else self.W_a.to(h_in.dtype)
-        return FusionSoftmaxFunction.apply(h_in, docs, w, mask, self.backend)
+        return FusionSoftmaxFunction.apply(h_in, docs, w, _bool_mask(mask, "BilinearFusion.forward"), self.backend)
 
     def forward_gather(self, h_in: torch.Tensor, corpus: Any, ids: Any,
                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +123,12 @@ class BilinearFusion(nn.Module):
         when W_a or h_in needs a gradient they are gathered once into [B, K, D].
         """
         if torch.is_grad_enabled() and (self.W_a.requires_grad or h_in.requires_grad):
-            c = ops.as_corpus_matrix(corpus, "BilinearFusion.forward_gather")
-            idx = np.asarray(as_numpy(ids, "ids", "BilinearFusion.forward_gather"), np.int64)
+            # the checks of ops.fusion_softmax_gather, so training refuses what inference refuses
+            op = "BilinearFusion.forward_gather"
+            c = ops.as_corpus_matrix(corpus, op)
+            idx = checked_gather_ids(op, ids, c.n)
             valid = torch.from_numpy(idx >= 0)
+            mask = _bool_mask(mask, op)
             docs = torch.from_numpy(reference.gather_rows(c, idx)).to(h_in.dtype)
             return self(h_in, docs, valid if mask is None else valid & mask)
         alpha, h_aug = ops.fusion_softmax_gather(h_in.detach(), corpus, ids, self.W_a.detach(), mask=mask,

@@ -110,6 +110,15 @@ class LatentWeights:
             p, gate = np.load(version / LATENT_P), np.load(version / LATENT_GATE)
         except (OSError, ValueError) as exc:
             raise LatentWeightsError(f"{version}: unreadable latent weights ({exc})") from exc
+        fields = {"hidden_size": int, "soft_prompts": int, "encoder": str, "generator": str}
+        if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)
+                                             for k, t in fields.items()):
+            raise LatentWeightsError(f"{version}: {LATENT_META} must be an object with "
+                                     f"{', '.join(f'{k}: {t.__name__}' for k, t in fields.items())}")
+        if p.ndim != 2 or gate.ndim != 1:
+            raise LatentWeightsError(f"{version}: latent P must be 2-D and the gate 1-D, got {p.shape} and {gate.shape}")
+        if p.dtype.kind != "f" or gate.dtype.kind != "f" or not (np.isfinite(p).all() and np.isfinite(gate).all()):
+            raise LatentWeightsError(f"{version}: latent P and gate must be finite floats, got {p.dtype} / {gate.dtype}")
         if meta.get("encoder") != encoder:
             raise LatentWeightsError(f"{version}: latent weights trained with encoder {meta.get('encoder')!r}, "
                                      f"this engine uses {encoder!r}")

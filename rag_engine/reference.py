@@ -134,6 +134,8 @@ def fusion_softmax_torch(h_in: Any, docs: Any, W_a: Any = None, mask: Any = None
 
 def gather_rows(corpus: CorpusMatrix, ids: np.ndarray) -> np.ndarray:
     """float32 copy of corpus rows at ids [B, K] (-1 reads row 0: callers mask it) -> [B, K, D]."""
+    if corpus.n == 0:  # every id is -1 (nothing to read): zeros
+        return np.zeros((*ids.shape, corpus.dim), np.float32)
     rows = np.maximum(ids, 0).reshape(-1)
     scales = None if corpus.scales is None else corpus.scales[rows]
     return CorpusMatrix(corpus.data[rows], corpus.dtype, scales).to_float().reshape(*ids.shape, corpus.dim)

@@ -115,3 +115,37 @@ def test_project_soft_prompts():
         BilinearFusion(16).project(torch.randn(2, 16))
     with pytest.raises(ValueError, match="BilinearFusion: dim must be > 0"):
         BilinearFusion(0)
+
+
+def test_forward_gather_checks_like_the_op_in_training_and_inference():
+    """Training (gathered copy with autograd) refuses what inference (the op) refuses."""
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((30, 16)).astype(np.float32)
+    module = BilinearFusion(16)
+    h = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
+    ids = rng.integers(0, 30, (3, 4))
+    for bad, err, match in ((np.full((3, 4), 30), ValueError, r"ids must lie in \[0, N=30\)"),
+                            (np.full((3, 4), -2), ValueError, r"ids must lie in \[0, N=30\)"),
+                            (ids.astype(np.float64), TypeError, "ids must be an integer")):
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(err, match=match):
+                module.forward_gather(h, corpus, bad)
+    mask = np.ones((3, 4), bool)
+    mask[:, 0] = False
+    with torch.no_grad():
+        want = module.forward_gather(h, corpus, ids, mask)
+    got = module.forward_gather(h, corpus, ids, mask)  # numpy mask on the autograd path
+    torch.testing.assert_close(got[0].detach(), want[0], atol=1e-6, rtol=1e-5)
+    docs = torch.from_numpy(reference.gather_rows(CorpusMatrix(corpus), ids))
+    assert module(h, docs, mask)[0].shape == (3, 4)  # forward() with a numpy mask
+    with pytest.raises(TypeError, match="mask must be bool"):
+        module(h, docs, mask.astype(np.uint8))
+
+
+def test_gather_torch_backend_on_an_empty_corpus():
+    h = np.ones((2, 8), np.float32)
+    empty = np.zeros((0, 8), np.float32)
+    ids = np.full((2, 3), -1)
+    for backend in ("cpu", "torch"):
+        alpha, h_aug = ops.fusion_softmax_gather(h, empty, ids, backend=backend)
+        assert not alpha.any() and not h_aug.any()

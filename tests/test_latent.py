@@ -196,6 +196,21 @@ def test_latent_weights_save_load_and_checks(latent_engine, encoder, cache_dir, 
             Engine.load(tmp_path / "bad", load_generator=False, cache_dir=str(cache_dir))
     with pytest.raises(LatentWeightsError, match="expected P"):
         LatentWeights(bad.p, bad.gate[:2], bad.hidden_size, encoder.name, bad.generator)
+    # A malformed latent.json or array is a LatentWeightsError, not a KeyError/IndexError.
+    import json
+
+    eng.latent = latent_engine.latent
+    eng.save(tmp_path / "meta")
+    version = tmp_path / "meta" / (tmp_path / "meta" / "CURRENT").read_text().strip()
+    meta = json.loads((version / "latent.json").read_text())
+    for broken in ([1, 2], {k: v for k, v in meta.items() if k != "hidden_size"}, meta | {"hidden_size": "four"}):
+        (version / "latent.json").write_text(json.dumps(broken))
+        with pytest.raises(LatentWeightsError, match="latent.json must be an object"):
+            LatentWeights.load(version, encoder.name, encoder.dim)
+    (version / "latent.json").write_text(json.dumps(meta))
+    np.save(version / "latent_p.npy", np.float32(1.0))
+    with pytest.raises(LatentWeightsError, match="must be 2-D"):
+        LatentWeights.load(version, encoder.name, encoder.dim)
 
 
 def test_latent_without_weights_is_a_clear_error(latent_engine):

@@ -98,10 +98,20 @@ def _gather_cpu(h, c, ids, w, m, return_scores, threads, isa):
     return ext.fusion_softmax_gather(h, c.data, c.scales, ids, w, m, return_scores, threads, isa or "")
 
 
+def checked_gather_ids(op: str, ids: Any, n: int | None = None) -> np.ndarray:
+    """ids as a C-contiguous int64 [B, K] array; with ``n``, also each in [0, n) or -1."""
+    i = ids if type(ids) is np.ndarray else as_numpy(ids, "ids", op)
+    if i.dtype.kind not in "iu" or i.ndim != 2:
+        raise TypeError(f"{op}: ids must be an integer [B, K] array, got {i.dtype} of shape {tuple(i.shape)}")
+    if i.dtype.type is not np.int64 or not i.flags.c_contiguous:
+        i = np.ascontiguousarray(i, np.int64)
+    if n is not None and i.size and (i.min() < -1 or i.max() >= n):
+        raise ValueError(f"{op}: ids must lie in [0, N={n}) or be -1 (empty slot), got range [{i.min()}, {i.max()}]")
+    return i
+
+
 def _gather_torch(h, c, ids, w, m, return_scores, threads, isa):
-    if ids.size and (ids.min() < -1 or ids.max() >= c.n):  # the C++ kernel checks its own
-        raise ValueError(f"fusion_softmax_gather: ids must lie in [0, N={c.n}) or be -1 (empty slot), "
-                         f"got range [{ids.min()}, {ids.max()}]")
+    checked_gather_ids("fusion_softmax_gather", ids, c.n)  # the C++ kernel checks its own
     valid = ids >= 0 if m is None else m & (ids >= 0)
     return _fusion_torch("fusion_softmax_gather", h, reference.gather_rows(c, ids), w, valid, return_scores)
 
@@ -136,11 +146,7 @@ def fusion_softmax_gather(
     if on_cuda:
         return gpu_ops.fusion_softmax_gather(name, h_in, corpus, ids, W_a, mask, return_scores)
     c = as_corpus_matrix(corpus, op)
-    i = ids if type(ids) is np.ndarray else as_numpy(ids, "ids", op)
-    if i.dtype.kind not in "iu" or i.ndim != 2:
-        raise TypeError(f"{op}: ids must be an integer [B, K] array, got {i.dtype} of shape {tuple(i.shape)}")
-    if i.dtype.type is not np.int64 or not i.flags.c_contiguous:
-        i = np.ascontiguousarray(i, np.int64)
+    i = checked_gather_ids(op, ids)
     h, w, m = _fusion_inputs(op, h_in, W_a, mask, i.shape[1])
     if i.shape[0] != h.shape[0] or c.dim != h.shape[1]:
         raise ValueError(f"{op}: need ids [B={h.shape[0]}, K] and corpus [N, D={h.shape[1]}], "
