@@ -30,13 +30,10 @@ TEMPLATES = ("What does the documentation say about {}?", "Explain: {}", "In Pyt
 
 
 def load_engine(threads: int, cache_mb: int):
-    from eval_qa import build_engine, eval_index_path
+    from eval_qa import build_engine
 
-    from rag_engine.engine import Engine
-
-    build_engine(256, 128, "fp32")  # builds and saves the index once
-    return Engine.load(eval_index_path(256, 128), threads=threads, k=4, mode="rag_token",
-                       prefix_cache_bytes=cache_mb << 20)
+    return build_engine(256, 128, "fp32", load_generator=True, threads=threads, k=4, mode="rag_token",
+                        prefix_cache_bytes=cache_mb << 20)
 
 
 def without_cache(eng):

@@ -90,7 +90,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main() -> None:
     clean_blas_env()
-    from eval_qa import build_engine, eval_index_path, load_qa
+    from eval_qa import build_engine, load_qa
 
     from rag_engine import SamplingParams
 
@@ -103,12 +103,9 @@ def main() -> None:
     p.add_argument("--max-batch-rows", type=int, default=16)
     p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt ids prefilled per scheduler step")
     args = p.parse_args()
-    from rag_engine.engine import Engine
-
-    build_engine(128, 32, "fp32")  # builds and saves the index once
-    eng = Engine.load(eval_index_path(128, 32), threads=args.threads, k=args.k, mode="concat",
-                      prefix_cache_bytes=0, max_batch_rows=args.max_batch_rows, max_waiting=args.requests,
-                      max_prefill_tokens=args.max_prefill_tokens)
+    eng = build_engine(128, 32, "fp32", load_generator=True, threads=args.threads, k=args.k, mode="concat",
+                       prefix_cache_bytes=0, max_batch_rows=args.max_batch_rows, max_waiting=args.requests,
+                       max_prefill_tokens=args.max_prefill_tokens)
     qa = load_qa()
     questions = [qa[i % len(qa)]["question"] for i in range(args.requests)]
     rng = np.random.default_rng(0)

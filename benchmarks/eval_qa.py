@@ -57,30 +57,28 @@ def eval_index_path(passage_tokens: int, overlap: int) -> Path:
     return ROOT / ".cache" / f"eval_index_p{passage_tokens}_o{overlap}_c{CHUNKER_VERSION}"
 
 
-def build_engine(passage_tokens: int, overlap: int, precision: str, int8_method: str = "nbits"):
+def build_engine(passage_tokens: int, overlap: int, precision: str, int8_method: str = "nbits",
+                 load_generator: bool = False, **overrides):
+    """The pydoc index with these passages (built once, cached under .cache/), under this
+    revision's default settings plus ``overrides``: only the index comes from the cache, never
+    the engine.json saved with it (which would measure whatever defaults it was built with)."""
+    import dataclasses
+
     from rag_engine.cli import pydoc_corpus
-    from rag_engine.engine import Engine
+    from rag_engine.engine import Engine, EngineConfig
 
     path = eval_index_path(passage_tokens, overlap)
-    if (path / "CURRENT").exists():
-        # Only the index comes from the cache: every other setting (prompt, budgets, retriever)
-        # is this revision's default, not whatever the engine.json saved with the cache says.
-        import dataclasses
-
-        from rag_engine.engine import EngineConfig
-
-        index_fields = {"encoder", "encoder_precision", "index_dtype", "passage_tokens", "overlap_tokens"}
-        current = {f.name: getattr(EngineConfig(), f.name) for f in dataclasses.fields(EngineConfig)
-                   if f.name not in index_fields}
-        return Engine.load(path, load_generator=False, **(current | {
-            "generator_precision": precision, "generator_int8_method": int8_method}))
-    eng = Engine.from_pretrained("default", load_generator=False, passage_tokens=passage_tokens,
-                                 overlap_tokens=overlap, generator_precision=precision,
-                                 generator_int8_method=int8_method)
-    ids, texts = pydoc_corpus()
-    eng.add_documents(texts, ids=ids, progress=True)
-    eng.save(path)
-    return eng
+    if not (path / "CURRENT").exists():
+        eng = Engine.from_pretrained("default", load_generator=False, passage_tokens=passage_tokens,
+                                     overlap_tokens=overlap)
+        ids, texts = pydoc_corpus()
+        eng.add_documents(texts, ids=ids, progress=True)
+        eng.save(path)
+    index_fields = {"encoder", "encoder_precision", "index_dtype", "passage_tokens", "overlap_tokens"}
+    current = {f.name: getattr(EngineConfig(), f.name) for f in dataclasses.fields(EngineConfig)
+               if f.name not in index_fields}
+    return Engine.load(path, load_generator=load_generator, **(current | {
+        "generator_precision": precision, "generator_int8_method": int8_method} | overrides))
 
 
 def main() -> None:
