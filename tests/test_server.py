@@ -124,6 +124,15 @@ def test_disconnect_mid_stream_frees_the_row(server, monkeypatch):
     wait_idle(eng)
     stats = eng.stats()
     assert stats["running"] == 0 and stats["batch_rows"] == 0 and stats["cancelled"] == before + 1
+    # A non-streaming client that gives up is cancelled too (it generated to the end before).
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body | {"stream": False}, timeout=0.5)
+    deadline = time.time() + 5
+    while eng.stats()["cancelled"] == before + 1 and time.time() < deadline:
+        time.sleep(0.01)
+    wait_idle(eng)
+    stats = eng.stats()
+    assert stats["running"] == 0 and stats["cancelled"] == before + 2
 
 
 def test_too_many_requests_is_429_with_retry_after(server):
@@ -225,3 +234,15 @@ def test_chunked_body_limit_default_max_tokens_and_failures(server, monkeypatch)
     monkeypatch.undo()
     ok = server.client.completions.create(model="tiny", prompt="What is a class?", max_tokens=2)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_include_usage(server):
+    chunks = list(server.client.completions.create(model="tiny", prompt="What is a class?", max_tokens=4,
+                                                   temperature=0.0, stream=True,
+                                                   stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 4
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 4
+    plain = list(server.client.completions.create(model="tiny", prompt="What is a class?", max_tokens=4,
+                                                  temperature=0.0, stream=True))
+    assert all(c.usage is None for c in plain)

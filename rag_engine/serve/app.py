@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag_engine.engine_serve import asubmit
@@ -66,6 +66,11 @@ class _ChunkedBodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+def _usage(metrics: dict) -> dict:
+    usage = {"prompt_tokens": int(metrics["prompt_tokens"]), "completion_tokens": int(metrics["completion_tokens"])}
+    return usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 class BadRequest(Exception):
@@ -168,21 +173,26 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         kind = "chat.completion" if chat else "text_completion"
         docs = documents_json(handle.documents)
         if not body.stream:
-            try:
-                out = await handle.aresult()
-            except Exception as exc:  # the request failed inside the engine: an OpenAI error body
-                log.error("request failed: %s: %s", type(exc).__name__, exc)
-                raise BadRequest(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from exc
-            finally:
-                finished(handle)
-            metrics.request(endpoint, 200)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
-                      else {"index": 0, "text": out.text, "logprobs": None})
-            usage = {"prompt_tokens": int(out.metrics["prompt_tokens"]),
-                     "completion_tokens": int(out.metrics["completion_tokens"])}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return {"id": rid, "object": kind, "created": created, "model": cfg.model_name,
-                    "choices": [choice | {"finish_reason": out.finish_reason}], "usage": usage, "documents": docs}
+
+            async def result() -> JSONResponse | None:
+                try:
+                    out = await handle.aresult()
+                except Exception as exc:  # the request failed inside the engine: an OpenAI error body
+                    log.error("request failed: %s: %s", type(exc).__name__, exc)
+                    metrics.request(endpoint, 500)
+                    return fail(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+                finally:
+                    finished(handle)
+                if out is None:  # cancelled: the client is gone
+                    return None
+                metrics.request(endpoint, 200)
+                choice = ({"index": 0, "message": {"role": "assistant", "content": out.text}} if chat
+                          else {"index": 0, "text": out.text, "logprobs": None})
+                return JSONResponse({"id": rid, "object": kind, "created": created, "model": cfg.model_name,
+                                     "choices": [choice | {"finish_reason": out.finish_reason}],
+                                     "usage": _usage(out.metrics), "documents": docs})
+
+            return _PendingResponse(result(), handle)
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
@@ -210,6 +220,10 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             if handle.output is None:  # cancelled
                 return
             yield chunk(None, handle.output.finish_reason)
+            if (body.stream_options or {}).get("include_usage"):  # OpenAI: one more chunk, no choices
+                yield "data: " + json.dumps({"id": rid, "object": kind + ".chunk" if chat else kind,
+                                             "created": created, "model": cfg.model_name, "choices": [],
+                                             "usage": _usage(handle.output.metrics)}) + "\n\n"
             yield "data: [DONE]\n\n"
 
         metrics.request(endpoint, 200)
@@ -227,6 +241,31 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     return app
 
 
+async def _cancel_on_disconnect(receive, handle) -> None:
+    """ASGI >= 2.4 servers report a gone client only through receive()."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
+
+
+class _PendingResponse(Response):
+    """A JSON answer still being generated: sent when ready, or never if the client leaves first
+    (its request is cancelled then, freeing its rows at the scheduler's next step)."""
+
+    def __init__(self, result, handle) -> None:
+        super().__init__()
+        self.result, self.handle = result, handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, self.handle))
+        try:
+            response = await self.result
+        finally:
+            watcher.cancel()
+        if response is not None:
+            await response(scope, receive, send)
+
+
 class _EventStream(StreamingResponse):
     """Server-sent events that cancel their request when the client leaves before the end
     (Starlette stops iterating on a disconnect and may never close the generator)."""
@@ -236,12 +275,7 @@ class _EventStream(StreamingResponse):
         self.on_close, self.handle = on_close, handle
 
     async def __call__(self, scope, receive, send) -> None:
-        async def watch() -> None:  # ASGI >= 2.4 servers report a gone client only through receive()
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.handle.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, self.handle))
         try:
             await super().__call__(scope, receive, send)
         finally:
