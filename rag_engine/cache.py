@@ -45,12 +45,32 @@ def is_complete(folder: Path) -> bool:
     return (folder / _DONE_MARKER).is_file()
 
 
-def publish(tmp: Path, final: Path) -> Path:
-    """Mark ``tmp`` complete and move it to ``final`` atomically (replacing a broken entry)."""
+def publish(tmp: Path, final: Path, usable=None) -> Path:
+    """Mark ``tmp`` complete and move it to ``final`` atomically.
+
+    Several processes may build the same entry at once: the first to publish wins and the
+    others drop their copy (``usable(final)`` tells a good entry from the broken one being
+    replaced; without it any complete entry counts). A broken entry is first renamed aside,
+    so a reader never sees it half deleted."""
     (tmp / _DONE_MARKER).write_text("ok\n")
+    good = usable if usable is not None else is_complete
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        if good(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        try:
+            os.replace(final, trash / "entry")
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, final)  # fails if another process published meanwhile
+    except OSError:
+        if final.exists() and good(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        raise
     return final
 
 

@@ -430,3 +430,25 @@ def test_where_filters_use_json_equality(encoder, cache_dir):
     assert docs({"n": 1}) == ["a"]  # True == 1 in Python, not in JSON
     assert docs({"n": True}) == ["b"]
     assert docs({"n": None}) == []  # a missing key is not a null value
+
+
+def test_encoder_settings_checked_and_broken_cache_rebuilt(encoder, cache_dir, tmp_path, caplog):
+    import shutil
+
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        EncoderConfig(batch_size=-4)
+    with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+        EncoderConfig(max_length=1)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1 or None"):
+        encoder.encode(["a", "b"], batch_size=-1)  # gave all-zero vectors
+    with pytest.raises(ValueError, match="max_length 1000 exceeds the 512 positions"):
+        Encoder.from_pretrained(EncoderConfig(max_length=1000), cache_dir, progress=False)
+    # A damaged export in the cache is rebuilt (a truncated encoder.onnx failed on every call).
+    src = next(p for p in (cache_dir / "encoders").iterdir() if p.name.startswith(encoder.name + "-fp32-"))
+    shutil.copytree(src, tmp_path / "encoders" / src.name)
+    onnx_file = tmp_path / "encoders" / src.name / "encoder.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[: onnx_file.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        again = Encoder.from_pretrained(EncoderConfig(), tmp_path, progress=False)
+    assert "rebuilding broken encoder cache entry" in caplog.text
+    np.testing.assert_allclose(again.encode(["a file"]), encoder.encode(["a file"]), atol=1e-6)

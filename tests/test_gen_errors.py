@@ -141,3 +141,56 @@ def test_half_written_cache_entry_is_not_loaded(tmp_path):
     assert np.isfinite(again.generate([[4, 5]], SamplingParams(max_tokens=2))[0].token_ids).all()
     with pytest.raises(FileNotFoundError, match="exported model folder"):
         DecoderSession(tmp_path / "missing")
+
+
+def test_edited_manifest_is_rebuilt_not_trusted(tmp_path, caplog):
+    import json
+
+    model = tiny_model("llama", seed=9)
+    gen = Generator.from_hf(model, cache_dir=tmp_path)
+    folder = gen.session.folder
+    expected = gen.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edits = [{k: v for k, v in manifest.items() if k != "files"},  # KeyError before
+             manifest | {"config": manifest["config"] | {"precision": "fp8"}},  # ValueError before
+             manifest | {"spec": manifest["spec"] | {"bogus": 1}},  # TypeError before
+             manifest | {"config": manifest["config"] | {"all_logits": True}},  # was loaded as is
+             manifest | {"files": {MODEL_FILE: manifest["files"][MODEL_FILE]}}]  # data file unchecked
+    for edited in edits:
+        (folder / "manifest.json").write_text(json.dumps(edited))
+        if "files" in edited and len(edited["files"]) == 2 and edited["config"].get("precision") == "fp32" \
+                and "bogus" not in edited["spec"]:
+            assert read_manifest(folder)[1].all_logits  # a consistent manifest for another config
+        else:
+            with pytest.raises(ExportFormatError):
+                read_manifest(folder)
+        with caplog.at_level("WARNING"):
+            again = Generator.from_hf(model, cache_dir=tmp_path)
+        assert "rebuilding" in caplog.text
+        caplog.clear()
+        assert not again.session.config.all_logits
+        assert again.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids == expected
+    with pytest.raises(ValueError, match="accuracy_level must be an int in"):
+        ExportConfig(precision="int4", accuracy_level="4")
+    with pytest.raises(ValueError, match="all_logits must be a bool"):
+        ExportConfig(all_logits="no")
+
+
+def test_bfloat16_model_exports(tmp_path):
+    import torch
+
+    model = tiny_model("llama", seed=9).to(torch.bfloat16)  # model_key hashed through numpy, which lacks bf16
+    gen = Generator.from_hf(model, cache_dir=tmp_path)
+    assert len(gen.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+
+
+def test_kv_cache_and_decode_bounds(gen_small):
+    from rag_engine.generator.kv_cache import KVCache
+
+    spec = gen_small.session.spec
+    cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 3, 8)
+    for rows in ([2, 0], [1, 0, 2], [0, -1], [0, 0, 1]):
+        with pytest.raises(ValueError, match="ascending indices"):
+            cache.keep(np.array(rows), 4)
+    with pytest.raises(ValueError, match=r"decode positions must be in \[0, 8\)"):
+        gen_small.session.decode(np.zeros(3, np.int64), np.array([1, 2, 8]), cache)

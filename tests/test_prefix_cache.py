@@ -196,3 +196,20 @@ def test_warm_prefix_cache_makes_first_queries_hit(encoder, generator, cache_dir
     eng.generate(["How do I read a file?"], GREEDY)
     assert eng.stats()["prefix_cache_hits"] > before
     assert len(DOCS) == 4
+
+
+def test_cached_blocks_are_copies_and_keys_ignore_the_id_dtype():
+    # A one-row cache exactly one block long: its slice is contiguous, and ascontiguousarray
+    # returned the slice itself, so the row's next prompt rewrote the cached block.
+    kv = KVCache(2, 1, 4, 1, 16)
+    kv.buffer[...] = 1.0
+    pc = PrefixCache("tiny", PrefixCacheConfig(max_bytes=1 << 20, block_tokens=16))
+    ids = np.arange(16, dtype=np.int64)
+    pc.insert(ids, kv.buffer[:, :, 0], 16)
+    kv.buffer[...] = 2.0
+    (block,) = pc.match(ids)
+    assert (block == 1.0).all() and not np.shares_memory(block, kv.buffer)
+    # Keys are the ids' bytes: int32 [5, 0, 7, 0] read as int64 [5, 7] before.
+    pc.insert(np.array([5, 7], np.int64), np.ones((2, 2, 1, 2, 4), np.float32), 2)
+    assert pc.match(np.array([5, 0, 7, 0], np.int32)) == []
+    assert len(pc.match(np.array([5, 7], np.int32))) == 1

@@ -61,6 +61,12 @@ class ExportConfig:
     explicit_rotary: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("all_logits", "inputs_embeds", "explicit_rotary"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if type(self.accuracy_level) is not int or not 0 <= self.accuracy_level <= 4:
+            raise ValueError(f"accuracy_level must be an int in [0, 4] (ONNX Runtime's MatMulNBits), "
+                             f"got {self.accuracy_level!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.int8_method not in INT8_METHODS:
@@ -171,19 +177,25 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> tuple[Decod
         raise ExportFormatError(f"{folder} has no {MANIFEST}: not a complete export") from None
     except json.JSONDecodeError as err:
         raise ExportFormatError(f"{path} is not valid JSON: {err}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportFormatError(
-            f"{path}: expected format_version {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
-    for name, meta in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise ExportFormatError(f"{folder}: {name} is missing")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise ExportFormatError(f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}")
-        if verify and sha256_file(file) != meta["sha256"]:
-            raise ExportFormatError(f"{file} is corrupted: sha256 differs from {MANIFEST}")
-    return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else manifest
+        raise ExportFormatError(f"{path}: expected format_version {FORMAT_VERSION}, got {got!r}")
+    try:
+        files = manifest["files"]
+        if set(files) != {MODEL_FILE, DATA_FILE}:
+            raise ExportFormatError(f"{path}: expected entries for {MODEL_FILE} and {DATA_FILE}, got {sorted(files)}")
+        for name, meta in files.items():
+            file = folder / name
+            if not file.is_file():
+                raise ExportFormatError(f"{folder}: {name} is missing")
+            size = file.stat().st_size
+            if size != meta["bytes"]:
+                raise ExportFormatError(f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}")
+            if verify and sha256_file(file) != meta["sha256"]:
+                raise ExportFormatError(f"{file} is corrupted: sha256 differs from {MANIFEST}")
+        return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ExportFormatError(f"{path} is malformed ({type(err).__name__}: {err})") from err
 
 
 def model_key(model) -> str:
@@ -191,7 +203,14 @@ def model_key(model) -> str:
     digest = hashlib.sha256(model.config.to_json_string().encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        t = tensor.detach().cpu().contiguous()
+        try:
+            digest.update(t.numpy().tobytes())
+        except TypeError:  # bfloat16 (and other dtypes numpy lacks): the raw bytes, with the dtype
+            import torch
+
+            digest.update(str(t.dtype).encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -208,28 +227,46 @@ def builder_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _graph_options(config: ExportConfig) -> dict:
+    """The options that shape the exported graph (an fp32 graph ignores the quantisation ones)."""
+    opts = dataclasses.asdict(config)
+    if config.precision == "fp32":
+        for name in ("block_size", "accuracy_level", "int8_method"):
+            opts.pop(name)
+    return opts
+
+
 def cached_export(model_key_: str, load_model, config: ExportConfig,
                   cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return the export folder for ``model_key_`` + ``config``, building it when absent or broken.
 
     ``load_model`` is called only on a miss (so a cache hit never imports torch).
     """
-    opts = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    opts = json.dumps(_graph_options(config), sort_keys=True)
     key = f"{FORMAT_VERSION}|{builder_fingerprint()}|{model_key_}|{opts}"
     key = hashlib.sha256(key.encode()).hexdigest()[:24]
     root = cache.cache_root(cache_dir) / "onnx"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{config.precision}-{key}"
-    if cache.is_complete(final):
+    def usable(folder: Path) -> bool:
+        if not cache.is_complete(folder):
+            return False
         try:
-            read_manifest(final)
-            return final
+            saved = read_manifest(folder)[1]
         except ExportFormatError as err:
             logger.warning("rebuilding broken export cache entry: %s", err)
+            return False
+        if _graph_options(saved) != _graph_options(config):
+            logger.warning("rebuilding export cache entry %s: its manifest describes %s", folder, saved)
+            return False
+        return True
+
+    if usable(final):
+        return final
     tmp = cache.staging_dir(root, final.name)
     try:
         export_model(load_model(), tmp, config, progress=progress)
-        return cache.publish(tmp, final)
+        return cache.publish(tmp, final, usable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

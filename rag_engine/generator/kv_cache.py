@@ -45,7 +45,7 @@ class KVCache:
     def keep(self, rows: np.ndarray, used: int) -> None:
         """Keep only ``rows`` (ascending live-row indices), moved to the front; copies ``[:used]`` positions."""
         rows = np.asarray(rows, np.int64)
-        if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= self.batch)):
+        if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= self.batch or (np.diff(rows) <= 0).any())):
             raise ValueError(f"rows must be ascending indices below {self.batch}, got {rows}")
         if rows.size == self.batch:
             return

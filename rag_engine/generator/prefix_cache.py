@@ -78,6 +78,7 @@ class PrefixCache:
 
     def match(self, ids: np.ndarray, limit: int | None = None) -> list[np.ndarray]:
         """KV blocks of the longest cached prefix of ``ids`` (at most ``limit`` ids), in order."""
+        ids = np.asarray(ids, np.int64)  # keys are the ids' bytes: one dtype for all
         n = len(ids) if limit is None else min(limit, len(ids))
         bt, out, keys, parent, pos = self.config.block_tokens, [], [], 0, 0
         with self._lock:
@@ -112,6 +113,7 @@ class PrefixCache:
             raise ValueError(f"insert: length {length} exceeds the ids ({len(ids)}) or KV ({kv.shape[3]}) given")
         if self.config.max_bytes == 0 or length == 0:
             return
+        ids = np.asarray(ids, np.int64)
         bt, parent, keys = self.config.block_tokens, 0, []
         with self._lock:
             for pos in range(0, length, bt):
@@ -119,7 +121,9 @@ class PrefixCache:
                 key = (parent, ids[pos:end].tobytes())
                 block = self._blocks.get(key)
                 if block is None:
-                    block = _Block(next(self._ids), parent, np.ascontiguousarray(kv[:, :, :, pos:end]))
+                    # a copy: ascontiguousarray returns the slice itself when it is contiguous
+                    # (a one-row cache), and the row's next prompt would overwrite the block
+                    block = _Block(next(self._ids), parent, np.array(kv[:, :, :, pos:end], np.float32, order="C"))
                     self._blocks[key] = block
                     self._key_of[block.id] = key
                     self.nbytes += block.kv.nbytes

@@ -76,6 +76,8 @@ class DecoderSession:
         batch = first.shape[0]
         if batch != cache.batch:
             raise ValueError(f"batch of inputs ({batch}) differs from the cache's live rows ({cache.batch})")
+        if attention_mask.shape[1] > cache.max_len:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds {cache.max_len}")
         self._ensure_cache(cache)
         self._decode_key = None  # the static decode inputs are no longer bound
         self.io.bind_cpu_input(self.first_input, first)
@@ -97,6 +99,9 @@ class DecoderSession:
         batch = cache.batch
         if tokens.shape != (batch,) or lengths.shape != (batch,):
             raise ValueError(f"expected tokens and lengths of shape ({batch},), got {tokens.shape} and {lengths.shape}")
+        if batch and (lengths.min() < 0 or lengths.max() >= cache.max_len):
+            raise ValueError(f"decode positions must be in [0, {cache.max_len}) (the cache's length), "
+                             f"got {lengths.min()}..{lengths.max()}")
         self._ensure_cache(cache)
         if self._decode_key is None or self._decode_key[0] is not cache or self._decode_key[1] != batch:
             self._ids = np.zeros((batch, 1), np.int64)

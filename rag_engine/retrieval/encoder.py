@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rag_engine.cache import cache_root, hash_files, is_complete, publish, staging_dir
+from rag_engine.checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,24 @@ def _export(folder: Path, out: Path, precision: str) -> None:
         if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab")) or f.suffix == ".txt"):
             (out / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((folder / "config.json").read_text())
-    (out / "encoder.json").write_text(json.dumps({"dim": cfg["hidden_size"], "precision": precision}))
+    (out / "encoder.json").write_text(json.dumps({"dim": cfg["hidden_size"], "precision": precision,
+                                                  "max_positions": cfg.get("max_position_embeddings", 0)}))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(out.iterdir()) if p.is_file()}
+    (out / _FILES).write_text(json.dumps(files, indent=1))
+
+
+_FILES = "files.json"  # size and sha256 of every file of an encoder export
+
+
+def _intact(folder: Path) -> bool:
+    """A complete export whose files still have their recorded sizes and sha256."""
+    try:
+        files = json.loads((folder / _FILES).read_text())
+        return bool(files) and all((folder / n).stat().st_size == m["bytes"] and sha256_file(folder / n) == m["sha256"]
+                                   for n, m in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,13 @@ class EncoderConfig:
     max_length: int = 256
     batch_size: int = 64
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.max_length) is not int or self.max_length < 2:
+            raise ValueError(f"EncoderConfig: max_length must be an int >= 2 (room for the special tokens), "
+                             f"got {self.max_length!r}")
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            raise ValueError(f"EncoderConfig: batch_size must be an int >= 1, got {self.batch_size!r}")
 
 
 class Encoder:
@@ -114,6 +140,10 @@ class Encoder:
         meta = json.loads((folder / "encoder.json").read_text())
         self.dim = int(meta["dim"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        positions = int(meta.get("max_positions", 0)) or None
+        if positions is not None and config.max_length > positions:
+            raise ValueError(f"EncoderConfig: max_length {config.max_length} exceeds the {positions} positions "
+                             f"of encoder {name!r}")
         opts = ort.SessionOptions()
         if config.threads:
             opts.intra_op_num_threads = config.threads
@@ -132,13 +162,20 @@ class Encoder:
         root = cache_root(cache_dir) / "encoders"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"{name}-{config.precision}-{key}"
-        if not is_complete(final):
+        usable = lambda f: is_complete(f) and _intact(f)  # noqa: E731
+        if not usable(final):
+            if is_complete(final):
+                log.warning("rebuilding broken encoder cache entry %s", final)
             log.info("exporting encoder %s (%s) to %s", name, config.precision, final)
             tmp = staging_dir(root, final.name)
-            with tqdm(total=1, desc=f"export encoder {name} {config.precision}", disable=not progress) as bar:
-                _export(folder, tmp, config.precision)
-                bar.update()
-            publish(tmp, final)
+            try:
+                with tqdm(total=1, desc=f"export encoder {name} {config.precision}", disable=not progress) as bar:
+                    _export(folder, tmp, config.precision)
+                    bar.update()
+                publish(tmp, final, usable)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return cls(final, name, config)
 
     def encode(self, texts: list[str] | str, batch_size: int | None = None, progress: bool = False) -> np.ndarray:
@@ -148,6 +185,8 @@ class Encoder:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"Encoder.encode: texts[{i}] must be str, got {type(t).__name__}")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"Encoder.encode: batch_size must be an int >= 1 or None, got {batch_size!r}")
         out = np.zeros((len(items), self.dim), np.float32)
         bs = batch_size or self.config.batch_size
         # Sort by length so each batch pads to a similar length.
