@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from rag_engine.errors import RagEngineError
+
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 
 
@@ -145,7 +147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     if args.prefix_cache_mb is not None:
         overrides["prefix_cache_bytes"] = args.prefix_cache_mb << 20
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     eng = Engine.load(args.dir, **overrides)
+    eng.scheduler  # noqa: B018  (builds the scheduler: bad batching settings fail here, not per request)
     serve(eng, args.host, args.port, ServerConfig(model_name=args.model_name, max_body_bytes=args.max_body_bytes))
     return 0
 
@@ -222,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.INFO if args.verbose else logging.WARNING)  # it sets DEBUG itself
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, OverflowError, RagEngineError) as exc:  # the user's input, files or machine
         print(f"rag-engine: error: {exc}", file=sys.stderr)
         return 2
 

@@ -124,9 +124,13 @@ class CorpusMatrix:
         if dtype == "fp32":
             return cls(np.ascontiguousarray(arr, dtype=np.float32), "fp32")
         if dtype == "fp16":
-            return cls(np.ascontiguousarray(arr, dtype=np.float16), "fp16")
+            with np.errstate(over="ignore"):
+                half = np.ascontiguousarray(arr, dtype=np.float16)
+            _check_finite(half, f"{op}: x overflows fp16 (|x| > 65504):")
+            return cls(half, "fp16")
         if dtype == "bf16":
             bf = np.ascontiguousarray(arr.astype(ml_dtypes.bfloat16))
+            _check_finite(bf.astype(np.float32), f"{op}: x overflows bf16:")
             return cls(bf.view(np.uint16), "bf16")
         f = arr.astype(np.float32, copy=False)
         amax = np.abs(f).max(axis=1) if f.shape[1] else np.zeros(f.shape[0], np.float32)

@@ -56,11 +56,20 @@ def topk_ip_torch(queries: Any, corpus: CorpusMatrix, k: int, allow: np.ndarray 
     best_i = np.empty((q.shape[0], 0), np.int64)
     kk = min(k, corpus.n)
     for c0 in range(0, corpus.n, chunk):
-        part = CorpusMatrix(*_rows(corpus, c0, c0 + chunk))
-        s = (q @ torch.from_numpy(part.to_float()).T).numpy()
-        ids = np.broadcast_to(np.arange(c0, c0 + part.n, dtype=np.int64), s.shape)
+        data, dtype, scales = _rows(corpus, c0, c0 + chunk)
+        # int8 rows: score the integers, then scale (as the kernel does; scaling the rows first
+        # rounds differently and breaks exact ties the other way)
+        raw = data.astype(np.float32) if dtype == "int8" else CorpusMatrix(data, dtype).to_float()
+        s = (q @ torch.from_numpy(raw).T).numpy()
+        if scales is not None:
+            s = s * scales[None, :]
+        if not np.isfinite(s).all():
+            row = c0 + int(np.argwhere(~np.isfinite(s))[:, 1].min())
+            raise ValueError(f"topk_ip: corpus row {row} gives a non-finite score (NaN/Inf in the corpus, "
+                             "or float32 overflow)")
+        ids = np.broadcast_to(np.arange(c0, c0 + data.shape[0], dtype=np.int64), s.shape)
         if allow is not None:
-            m = allow[c0 : c0 + part.n][None, :]
+            m = allow[c0 : c0 + data.shape[0]][None, :]
             s, ids = np.where(m, s, -np.inf), np.where(m, ids, -1)
         best_s, best_i = sort_topk(np.concatenate([best_s, s], 1), np.concatenate([best_i, ids], 1), kk)
     return best_s.astype(np.float32), best_i

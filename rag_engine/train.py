@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"TrainConfig: prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        for name in ("lr", "lr_w_a", "lr_gate", "clip_norm"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {v!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig: weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"TrainConfig: heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
 
 
 class FrozenLM:
@@ -212,9 +221,12 @@ def train_latent(lm: FrozenLM, data: TrainData, cfg: TrainConfig, checkpoint_dir
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["meta"] != meta or len(state["losses"]) > cfg.steps:
+        if state["meta"] != meta:
             raise ValueError(f"{ckpt} was written for another run (config, data or generator differ): expected "
                              f"{meta}, got {state['meta']}; use another checkpoint directory")
+        if len(state["losses"]) > cfg.steps:
+            raise ValueError(f"{ckpt} already holds {len(state['losses'])} steps, more than the {cfg.steps} asked "
+                             "for; ask for at least that many steps or use another checkpoint directory")
         fusion.load_state_dict(state["fusion"])
         opt.load_state_dict(state["optimizer"])
         losses = list(state["losses"])
@@ -286,6 +298,8 @@ def train_engine(eng, cfg: TrainConfig = TrainConfig(), jsonl: str | Path | None
     """Train on the engine's own corpus (+ JSONL pairs) and install the weights in ``eng``
     (``eng.w_a`` when W_a is trained, ``eng.latent``); ``eng.save`` then persists them."""
     if threads is not None:
+        if type(threads) is not int or threads < 1:
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         torch.set_num_threads(threads)
     lm = lm or FrozenLM.from_pretrained(eng.config.generator, eng.config.cache_dir)
     pairs = corpus_pairs(eng.index, lm.tokenizer, cfg.max_pairs, cfg.query_tokens, cfg.target_tokens, cfg.seed)
@@ -295,6 +309,10 @@ def train_engine(eng, cfg: TrainConfig = TrainConfig(), jsonl: str | Path | None
     log.info("%d training pairs, %d held out (by document)", len(train), len(heldout))
     data = prepare(eng, lm.tokenizer, train, cfg, threads)
     fusion, losses = train_latent(lm, data, cfg, checkpoint_dir, progress)
+    finite = all(math.isfinite(x) for x in losses) and all(torch.isfinite(p).all() for p in fusion.parameters())
+    if not finite:  # nothing is installed: a caller saving the engine keeps its working weights
+        raise ValueError("training diverged (a non-finite loss or weight); the engine's weights were left as "
+                         "they were — lower the learning rates or the clip norm")
     eng.w_a = fusion.W_a.detach().numpy().copy() if cfg.train_w_a else None  # P was fitted to this W_a
     eng.latent = LatentWeights.from_fusion(fusion, eng.encoder.name, lm.fingerprint, cfg.prompt_format)
     return TrainResult(fusion, losses, train, heldout)

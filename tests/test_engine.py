@@ -452,3 +452,16 @@ def test_encoder_settings_checked_and_broken_cache_rebuilt(encoder, cache_dir, t
         again = Encoder.from_pretrained(EncoderConfig(), tmp_path, progress=False)
     assert "rebuilding broken encoder cache entry" in caplog.text
     np.testing.assert_allclose(again.encode(["a file"]), encoder.encode(["a file"]), atol=1e-6)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from rag_engine.cli import main
+
+    root = tmp_path / "idx"
+    (root / "v000001").mkdir(parents=True)
+    (root / "CURRENT").write_text("v000001\n")
+    (root / "v000001" / "manifest.json").write_text("[1, 2]")
+    assert main(["index", "info", str(root)]) == 2  # AttributeError traceback before
+    assert "manifest.json must hold a JSON object" in capsys.readouterr().err
+    assert main(["serve", str(root), "--port", "70000"]) == 2  # OverflowError traceback before
+    assert "--port must be in [0, 65535]" in capsys.readouterr().err

@@ -374,3 +374,25 @@ print("ok")
     env = dict(os.environ, OMP_THREAD_LIMIT="1")
     res = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_torch_backend_matches_the_kernel_on_int8_ties_and_refuses_overflow():
+    rng = np.random.default_rng(3)
+    c = rng.integers(-3, 4, (243, 55)).astype(np.float32)  # many exactly tied scores
+    q = rng.integers(-2, 3, (1, 55)).astype(np.float32)
+    cm = CorpusMatrix.from_float(c, "int8")
+    ref = reference.topk_ip(q, cm, 243)[1]
+    assert np.array_equal(ops.topk_ip(q, cm, 243, backend="torch")[1], ref)  # rows were scaled first
+    assert np.array_equal(ops.topk_ip(q, cm, 243, backend="cpu")[1], ref)
+    big = np.ones((3, 4), np.float32)
+    big[1] = 1e30
+    for backend in ("cpu", "torch"):
+        with pytest.raises(ValueError, match="topk_ip: corpus row 1 gives a non-finite score"):
+            ops.topk_ip(np.full((1, 4), 1e30, np.float32), big, 2, backend=backend)
+    with pytest.raises(ValueError, match="overflows fp16"):
+        CorpusMatrix.from_float(np.array([[1e5, 1.0]]), "fp16")  # stored inf before
+
+
+def test_merge_topk_orders_by_the_exact_scores():
+    s, i = ops.merge_topk([(np.array([[1.0]]), np.array([[2]])), (np.array([[1.0000000001]]), np.array([[5]]))], 2)
+    assert i.tolist() == [[5, 2]] and s.dtype == np.float32  # float32 first made them a tie

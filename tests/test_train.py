@@ -138,3 +138,28 @@ def test_cli_train(encoder, lm, cache_dir, tmp_path, monkeypatch):  # noqa: F811
     assert cli.main(argv) == 0
     back = Engine.load(tmp_path / "out", load_generator=False, cache_dir=str(cache_dir))
     assert back.latent.soft_prompts == 2 and back.w_a is None
+
+
+def test_bad_settings_and_a_diverged_run_change_nothing(encoder, lm, cache_dir, tmp_path, monkeypatch):  # noqa: F811
+    for field, value in (("lr", -1.0), ("lr", float("nan")), ("clip_norm", -1.0), ("lr_w_a", 0.0),
+                         ("heldout_fraction", 1.0)):
+        with pytest.raises(ValueError, match=f"TrainConfig: {field} must be"):
+            dataclasses.replace(CFG, **{field: value})
+    eng = make_engine(encoder, None, cache_dir)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        train_engine(eng, CFG, lm=lm, progress=False, threads=0)
+    from rag_engine import train as train_mod
+
+    real = train_mod.train_latent
+
+    def diverged(*args, **kwargs):
+        fusion, losses = real(*args, **kwargs)
+        with torch.no_grad():
+            fusion.P.weight.fill_(float("nan"))
+        return fusion, losses[:-1] + [float("nan")]
+
+    monkeypatch.setattr(train_mod, "train_latent", diverged)
+    before = (eng.w_a, eng.latent)
+    with pytest.raises(ValueError, match="training diverged"):
+        train_engine(eng, dataclasses.replace(CFG, steps=2), lm=lm, progress=False)
+    assert (eng.w_a, eng.latent) == before  # nothing installed, so a save keeps the working weights

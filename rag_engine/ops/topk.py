@@ -144,7 +144,9 @@ def merge_topk(
         raise ValueError(f"{op}: got {len(offsets)} offsets for {len(results)} shards")
     all_s, all_i = [], []
     for j, (s, i) in enumerate(results):
-        s = np.atleast_2d(as_numpy(s, f"results[{j}] scores", op)).astype(np.float32, copy=False)
+        s = np.atleast_2d(as_numpy(s, f"results[{j}] scores", op))
+        if s.dtype.kind != "f":
+            s = s.astype(np.float32)
         i = np.atleast_2d(as_numpy(i, f"results[{j}] ids", op))
         if i.dtype.kind not in "iu":
             raise TypeError(f"{op}: results[{j}] ids must be integers, got {i.dtype}")
@@ -156,5 +158,6 @@ def merge_topk(
             i = np.where(i >= 0, i + int(offsets[j]), -1)
         all_s.append(s)
         all_i.append(i)
-    s, i = np.concatenate(all_s, 1), np.concatenate(all_i, 1)
-    return reference.sort_topk(s, i, min(k, s.shape[1]))
+    s, i = np.concatenate(all_s, 1), np.concatenate(all_i, 1)  # common float dtype: order by the exact scores
+    s, i = reference.sort_topk(s, i, min(k, s.shape[1]))
+    return s.astype(np.float32), i

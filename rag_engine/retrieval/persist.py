@@ -80,6 +80,8 @@ def open_version(root: Path, verify: bool = True) -> tuple[Path, dict]:
         manifest = json.loads((version / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise IndexFormatError(f"{version}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{version}: {MANIFEST} must hold a JSON object, got {type(manifest).__name__}")
     fv = manifest.get("format_version")
     if fv != FORMAT_VERSION:
         raise IndexFormatError(f"{root}: index format version {fv}, this engine reads version {FORMAT_VERSION}")
