@@ -226,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.INFO if args.verbose else logging.WARNING)  # it sets DEBUG itself
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # bm25s sets its own logger to DEBUG when imported
+        handler.setLevel(level)
     try:
         return args.func(args)
     except (OSError, ValueError, OverflowError, RagEngineError) as exc:  # the user's input, files or machine
