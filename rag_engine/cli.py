@@ -57,7 +57,8 @@ def iter_sources(sources: list[str]) -> Iterator[tuple[str, str, dict]]:
                     meta = obj.get("metadata", {})
                     if not isinstance(text, str) or not isinstance(meta, dict):
                         raise ValueError(f"{f}:{n + 1}: \"text\" must be a string and \"metadata\" an object")
-                    yield str(obj.get("id", f"{f}:{n}")), text, dict(meta, source=str(f))
+                    doc_id = obj.get("id")  # absent or null: the line's place in the file
+                    yield str(doc_id) if doc_id is not None else f"{f}:{n}", text, dict(meta, source=str(f))
             elif f.suffix in TEXT_SUFFIXES or path == f:
                 text = _read_text(f)
                 if text is not None:  # the path as given: files of two folders keep apart
@@ -90,6 +91,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     eng.add_documents(texts, ids=ids, metadata=metas, progress=not args.quiet)
+    if len(eng.index) == 0:
+        print(f"index build: none of the {len(texts)} documents has any text to index", file=sys.stderr)
+        return 2
     eng.save(args.out)
     print(f"indexed {eng.index.num_documents} documents as {len(eng.index)} passages in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}")
@@ -115,6 +119,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     eng = Engine.load(args.dir, **overrides)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty)
+    if args.k is not None and args.k < 0:  # refused before any question is printed
+        raise ValueError(f"--k must be >= 0, got {args.k}")
     for question in args.questions:
         print(f"Q: {question}")
         if args.stream:

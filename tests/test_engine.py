@@ -406,6 +406,8 @@ def test_cli_sources_keep_ids_apart(tmp_path):
     docs = list(iter_sources([str(tmp_path / "teamA"), str(tmp_path / "teamB")]))
     ids = [d[0] for d in docs]
     assert len(ids) == 4 and len(set(ids)) == 4, ids  # README.md and faq:0 twice before
+    (tmp_path / "null.jsonl").write_text(json.dumps({"text": "x", "id": None}) + "\n")
+    assert [d[0] for d in iter_sources([str(tmp_path / "null.jsonl")])] == [f"{tmp_path / 'null.jsonl'}:0"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "metadata": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: \"text\" must be a string and \"metadata\" an object"):
         list(iter_sources([str(tmp_path / "bad.jsonl")]))
