@@ -119,6 +119,9 @@ class Engine:
         self.latent_generator = None  # SoftPromptGenerator (inputs_embeds export), built on first latent use
         self._prefix_cache = self._scheduler = None
         self.generator_lock = threading.RLock()  # one thread at a time runs the generator session
+        # Searches and index changes exclude each other (serving retrieves in worker threads while
+        # a caller may add or delete documents); encoding runs outside it.
+        self.index_lock = threading.RLock()
         self.retrieved: Counter[int] = Counter()  # passage id -> times retrieved (prefix-cache warming)
 
     # ------------------------------------------------------------------ construction
@@ -215,8 +218,9 @@ class Engine:
             extra[FUSION_FILE] = self.w_a
         if self.latent is not None:
             extra |= self.latent.files()
-        self.index.save(path, extra=extra)
-        self.retrieved.clear()  # saving renumbers the passages
+        with self.index_lock:
+            self.index.save(path, extra=extra)
+            self.retrieved.clear()  # saving renumbers the passages
 
     @classmethod
     def load(cls, path: str | Path, load_generator: bool = True, verify: bool = True, **overrides: Any) -> Engine:
@@ -262,7 +266,8 @@ class Engine:
         if metadata is not None and len(metadata) != len(texts):
             raise ValueError(f"add_documents: got {len(metadata)} metadata dicts for {len(texts)} texts")
         if ids is None:
-            start = self.index.next_numeric_id()
+            with self.index_lock:
+                start = self.index.reserve_numeric_ids(len(texts))
             ids = [str(start + j) for j in range(len(texts))]
         else:
             ids = [str(i) for i in ids]
@@ -288,20 +293,22 @@ class Engine:
         # One batched encoder pass over every passage (length-sorted batches).
         vecs = self.encoder.encode([p for _, _, ps in chunks for p in ps], progress=progress)
         row = 0
-        for j, spans, passages in chunks:
-            self.index.add(ids[j], spans, passages, vecs[row : row + len(passages)],
-                           metadata[j] if metadata else None)
-            row += len(passages)
-        indexed = {ids[j] for j, _, _ in chunks}
-        self.index.delete([i for i in ids if i not in indexed])  # their new text has nothing to index
-        if replaced:
-            self.retrieved.clear()  # passage ids of replaced documents
+        with self.index_lock:
+            for j, spans, passages in chunks:
+                self.index.add(ids[j], spans, passages, vecs[row : row + len(passages)],
+                               metadata[j] if metadata else None)
+                row += len(passages)
+            indexed = {ids[j] for j, _, _ in chunks}
+            self.index.delete([i for i in ids if i not in indexed])  # their new text has nothing to index
+            if replaced:
+                self.retrieved.clear()  # passage ids of replaced documents
         return [i for i in ids if i in indexed]
 
     def delete_documents(self, ids: Sequence[str]) -> int:
-        gone = self.index.delete([str(i) for i in ids])
-        if gone:
-            self.retrieved.clear()  # passage ids of deleted documents
+        with self.index_lock:
+            gone = self.index.delete([str(i) for i in ids])
+            if gone:
+                self.retrieved.clear()  # passage ids of deleted documents
         return gone
 
     # ------------------------------------------------------------------ retrieval
@@ -341,8 +348,9 @@ class Engine:
         if k == 0:
             return [[] for _ in qs]
         qvecs = self.encoder.encode(qs)
-        s, i = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
-        return self.index.hits(s, i)
+        with self.index_lock:
+            s, i = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
+            return self.index.hits(s, i)
 
     def _context(self, qs: list[str], k: int, retriever: str | None, where: dict | None, metrics: dict
                  ) -> list[list[Document]]:
@@ -351,18 +359,20 @@ class Engine:
         t0 = time.perf_counter()
         qvecs = self.encoder.encode(qs)
         t1 = time.perf_counter()
-        scores, ids = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
-        t2 = time.perf_counter()
-        if len(self.index) == 0:
-            alpha = np.zeros(ids.shape, np.float32)
-        else:
-            alpha, _ = ops.fusion_softmax_gather(qvecs, self.index.vectors(), ids, self.w_a,
-                                                 threads=self.config.threads)
-        t3 = time.perf_counter()
+        with self.index_lock:
+            scores, ids = self._retrieve_ids(qs, qvecs, k, retriever or self.config.retriever, where)
+            t2 = time.perf_counter()
+            if len(self.index) == 0:
+                alpha = np.zeros(ids.shape, np.float32)
+            else:
+                alpha, _ = ops.fusion_softmax_gather(qvecs, self.index.vectors(), ids, self.w_a,
+                                                     threads=self.config.threads)
+            t3 = time.perf_counter()
+            self.retrieved.update(int(i) for i in ids[ids >= 0].tolist())
+            all_hits = self.index.hits(scores, ids)
         metrics.update(encode_ms=1e3 * (t1 - t0), retrieve_ms=1e3 * (t2 - t1), fuse_ms=1e3 * (t3 - t2))
-        self.retrieved.update(int(i) for i in ids[ids >= 0].tolist())
         docs = []
-        for q, hits in enumerate(self.index.hits(scores, ids)):
+        for q, hits in enumerate(all_hits):
             a = alpha[q][ids[q] >= 0]
             docs.append([Document(h.doc_id, h.passage_id, h.text, h.score, float(x), h.metadata)
                          for h, x in zip(hits, a)])

@@ -147,10 +147,22 @@ def submit(eng, query: str, params: SamplingParams | None, k: int | None, mode: 
 async def asubmit(eng, query: str, params: SamplingParams | None, k: int | None, mode: str | None,
                   retriever: str | None, where: dict | None, messages: list[dict] | None = None,
                   fit_max_tokens: bool = False) -> RequestHandle:
-    """``submit`` from asyncio: retrieval runs in a worker thread; events arrive on this loop."""
+    """``submit`` from asyncio: retrieval runs in a worker thread; events arrive on this loop.
+
+    If the caller is cancelled while the worker retrieves, the request it then queues is
+    cancelled as soon as it exists (a thread cannot be interrupted; its request had no reader)."""
     loop = asyncio.get_running_loop()
-    return await asyncio.to_thread(submit, eng, query, params, k, mode, retriever, where, messages, loop,
-                                   fit_max_tokens)
+    work = asyncio.ensure_future(asyncio.to_thread(submit, eng, query, params, k, mode, retriever, where,
+                                                   messages, loop, fit_max_tokens))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        def drop(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().cancel()
+
+        work.add_done_callback(drop)
+        raise
 
 
 def warm_prefix_cache(eng, passage_ids: Sequence[int] | None, queries: Sequence[str] | None, top: int,

@@ -467,3 +467,35 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "manifest.json must hold a JSON object" in capsys.readouterr().err
     assert main(["serve", str(root), "--port", "70000"]) == 2  # OverflowError traceback before
     assert "--port must be in [0, 65535]" in capsys.readouterr().err
+
+
+def test_concurrent_adds_and_searches(encoder, cache_dir):
+    import threading
+
+    eng = bare_engine(encoder, cache_dir)
+    eng.add_documents(["apples are red"], progress=False)
+    errors, added = [], []
+
+    def adder(j):
+        try:
+            added.extend(eng.add_documents([f"document {j} about fruit number {n}" for n in range(5)],
+                                           progress=False))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    def searcher():
+        try:
+            for _ in range(5):
+                for hits in eng.retrieve(["fruit"], k=3):
+                    assert all(h.text for h in hits)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=adder, args=(j,)) for j in range(3)] + [threading.Thread(target=searcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(added) == 15 and len(set(added)) == 15  # generated ids never collide across threads
+    assert eng.index.num_documents == 16

@@ -215,3 +215,38 @@ def test_rag_requests_use_one_row_per_retrieved_passage(encoder, generator, cach
         assert _checked(eng, q, None, None, None)[0] is DEFAULT_PARAMS  # as generate (no frequency penalty before)
     finally:
         eng.close()
+
+
+def test_cancelled_asubmit_cancels_the_request_it_queues(encoder, generator, cache_dir):  # noqa: F811
+    import threading
+
+    from rag_engine.engine_serve import asubmit
+
+    eng = make_engine(encoder, generator, cache_dir, k=0, mode="concat")
+    release = threading.Event()
+    real = eng.scheduler.submit
+
+    def slow_submit(request):  # the worker thread is still busy when the caller gives up
+        release.wait(10)
+        return real(request)
+
+    eng.scheduler.submit = slow_submit
+    try:
+        async def main():
+            long_run = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)  # still running when cancelled
+            task = asyncio.ensure_future(asubmit(eng, "What is a class?", long_run, 0, None, None, None))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.5)  # the worker queues its request, which is then cancelled
+
+        before = eng.stats().get("cancelled", 0)
+        asyncio.run(main())
+        deadline = time.time() + 10
+        while eng.stats()["cancelled"] == before and time.time() < deadline:
+            time.sleep(0.02)
+        assert eng.stats()["cancelled"] == before + 1
+    finally:
+        eng.close()

@@ -165,6 +165,12 @@ class PassageIndex:
             self._next_num = max((int(d) + 1 for d in self._by_doc if d.isascii() and d.isdigit()), default=0)
         return self._next_num
 
+    def reserve_numeric_ids(self, n: int) -> int:
+        """The first of ``n`` consecutive new numeric ids, taken (a concurrent caller gets others)."""
+        start = self.next_numeric_id()
+        self._next_num = start + n
+        return start
+
     def add(self, doc_id: str, spans: Sequence[tuple[int, int]], texts: Sequence[str],
             vectors: np.ndarray, metadata: dict[str, Any] | None = None) -> list[int]:
         """Append the passages of one document (replacing a document of the same id)."""
