@@ -15,15 +15,21 @@ from rag_engine.generator import SamplingParams
 # Imported by Engine.generate / Engine.stream only (keeps engine.py small).
 
 
-def _concat_prompt(eng, question: str, docs) -> tuple[list[dict], tuple]:
-    """(chat messages, documents by alpha with in_prompt set) for concat mode."""
-    tok = eng.generator.tokenizer
+def budgeted(eng, docs, tokenizer) -> tuple[list[str], tuple]:
+    """(passage texts that fit ``context_tokens``, best alpha first; the documents by alpha with
+    in_prompt set) -- the prompt budget of every mode that puts passages in the text."""
     ordered = _ordered(docs)
     texts = [d.text for d in ordered]
-    chosen = prompts.prune_to_budget(texts, range(len(texts)), lambda t: len(tok.encode(t, add_special_tokens=False)),
-                                     eng.config.context_tokens)
+    count = lambda t: len(tokenizer.encode(t, add_special_tokens=False))  # noqa: E731
+    chosen = prompts.prune_to_budget(texts, range(len(texts)), count, eng.config.context_tokens)
     marked = tuple(dataclasses.replace(d, in_prompt=i in chosen) for i, d in enumerate(ordered))
-    return prompts.concat_messages(question, [texts[i] for i in chosen], eng.config.system_prompt), marked
+    return [texts[i] for i in chosen], marked
+
+
+def _concat_prompt(eng, question: str, docs) -> tuple[list[dict], tuple]:
+    """(chat messages, documents by alpha with in_prompt set) for concat mode."""
+    passages, marked = budgeted(eng, docs, eng.generator.tokenizer)
+    return prompts.concat_messages(question, passages, eng.config.system_prompt), marked
 
 
 def _concat_messages(eng, question: str, docs) -> list[dict]:
@@ -48,7 +54,7 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
         outs = gen.generate([msgs for msgs, _ in built], params)
         return [output_of(o, marked, metrics) for o, (_, marked) in zip(outs, built)]
     k = max(len(d) for d in docs)
-    doc_msgs = [[prompts.concat_messages(q, [d[i].text if i < len(d) else ""], eng.config.system_prompt)
+    doc_msgs = [[prompts.concat_messages(q, [d[i].text], eng.config.system_prompt)
                  if i < len(d) else prompts.concat_messages(q, []) for i in range(k)] for q, d in zip(qs, docs)]
     log_alpha = np.stack([modes.log_alphas(d, k) for d in docs])
     if mode == "rag_sequence":
@@ -58,7 +64,8 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
         for qi, d in enumerate(docs):
             group = flat[qi * k : (qi + 1) * k]
             best = modes.choose_sequence(group, log_alpha[qi])
-            results.append(output_of(group[best], _ordered(d), metrics | {"rag_sequence_choice": best}))
+            ordered = _ordered(d)  # the choice is reported as an index into the documents returned
+            results.append(output_of(group[best], ordered, metrics | {"rag_sequence_choice": ordered.index(d[best])}))
         return results
     # rag_token
     doc_ids, cacheable = [], []
@@ -66,7 +73,9 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
         ids, lens = rag_doc_prompts(eng, q, d, k)
         doc_ids.append(ids)
         cacheable += lens
-    rows = [modes.make_row(gen, gen.encode(prompts.concat_messages(q, [])), params) for q in qs]
+    # Each row's "prompt" (the tokens repetition penalties count as seen) is its query's document
+    # prompts, as plain generation over one document would see them.
+    rows = [modes.make_row(gen, np.concatenate(ids[: len(d)]), params) for ids, d in zip(doc_ids, docs)]
     for r in rows:
         r.t_start = t0
     for _ in modes.rag_token_generate(gen, doc_ids, log_alpha, [params] * len(qs), rows,
@@ -74,6 +83,7 @@ def run_mode(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, 
         pass
     out = []
     for r, d, ids in zip(rows, docs, doc_ids, strict=True):
+        ids = ids[: len(d)]  # slots beyond the query's passages are padding (alpha 0)
         dt = max(r.t_done - r.t_first, 1e-9)
         m = dict(metrics, prefill_ms=1e3 * (r.t_first - r.t_start), decode_ms=1e3 * dt,
                  decode_tokens_per_s=(len(r.tokens) - 1) / dt if len(r.tokens) > 1 else 0.0,

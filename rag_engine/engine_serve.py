@@ -97,7 +97,7 @@ def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, re
     ids, cacheable = rag_doc_prompts(eng, query, docs, len(docs))
     la = modes.log_alphas(docs, len(docs))
     if mode == "rag_token":
-        seq = mixed_seq(ids, la, row(gen.encode(prompts.concat_messages(query, []))), cacheable)
+        seq = mixed_seq(ids, la, row(np.concatenate(ids)), cacheable)  # penalties see the document prompts
         n = sum(len(x) for x in ids)
         return Request([seq], handle, lambda req: output_of_row(req.seqs[0].row, _ordered(docs), metrics, n))
     if mode != "rag_sequence":
@@ -108,8 +108,9 @@ def build_request(eng, query: str, params: SamplingParams, k: int, mode: str, re
     def choose(req: Request):
         outs = [output_of_row(s.row, (), {}) for s in req.seqs]
         best = modes.choose_sequence([_as_generation(s.row) for s in req.seqs], la)
-        return dataclasses.replace(outs[best], documents=_ordered(docs),
-                                   metrics=outs[best].metrics | metrics | {"rag_sequence_choice": best})
+        ordered = _ordered(docs)  # the choice is an index into the documents returned
+        return dataclasses.replace(outs[best], documents=ordered, metrics=outs[best].metrics | metrics
+                                   | {"rag_sequence_choice": ordered.index(docs[best])})
 
     return Request(seqs, handle, choose, stream=False)
 

@@ -308,18 +308,22 @@ def soft_prompts_for(eng, docs: Sequence[Sequence]) -> np.ndarray:
     return eng.latent.project(h_aug)
 
 
-def _latent_prompts(eng, gen, qs: Sequence[str], docs: Sequence[Sequence], with_passages: bool) -> list[list[int]]:
-    from rag_engine.engine_generate import _concat_messages
+def _latent_prompts(eng, gen, qs: Sequence[str], docs: Sequence[Sequence], with_passages: bool
+                    ) -> tuple[list[list[int]], list[tuple]]:
+    """(prompt ids, documents by alpha) per query; with passages, the concat budget
+    (``context_tokens``) picks them in both prompt formats and marks ``in_prompt``."""
+    from rag_engine.engine_generate import _ordered, budgeted
 
     fmt = eng.latent.prompt_format
-    out = []
+    ids, marked = [], []
     for q, d in zip(qs, docs):
+        passages, m = budgeted(eng, d, gen.tokenizer) if with_passages else ([], _ordered(d))
+        marked.append(m)
         if with_passages and fmt == "chat":
-            out.append(list(gen.encode(_concat_messages(eng, q, d))))
-            continue
-        passages = [x.text for x in sorted(d, key=lambda x: -x.alpha)] if with_passages else []
-        out.append(prompt_ids(gen.tokenizer, q, passages, fmt, eng.config.system_prompt))
-    return out
+            ids.append(list(gen.encode(prompts.concat_messages(q, passages, eng.config.system_prompt))))
+        else:
+            ids.append(prompt_ids(gen.tokenizer, q, passages, fmt, eng.config.system_prompt))
+    return ids, marked
 
 
 def run_latent(eng, mode: str, qs: list[str], docs: list, params: SamplingParams, metrics: dict) -> list:
@@ -328,13 +332,13 @@ def run_latent(eng, mode: str, qs: list[str], docs: list, params: SamplingParams
 
     gen = latent_generator(eng)
     soft = soft_prompts_for(eng, docs)
-    outs = gen.generate_soft(_latent_prompts(eng, gen, qs, docs, mode == "latent_concat"), soft, params)
-    return [output_of(o, tuple(sorted(d, key=lambda x: -x.alpha)), metrics | {"soft_prompts": soft.shape[1]})
-            for o, d in zip(outs, docs)]
+    ids, marked = _latent_prompts(eng, gen, qs, docs, mode == "latent_concat")
+    outs = gen.generate_soft(ids, soft, params)
+    return [output_of(o, m, metrics | {"soft_prompts": soft.shape[1]}) for o, m in zip(outs, marked)]
 
 
 def stream_latent(eng, mode: str, question: str, docs, params: SamplingParams) -> Iterator[str]:
     gen = latent_generator(eng)
     soft = soft_prompts_for(eng, [docs])[0]
-    (ids,) = _latent_prompts(eng, gen, [question], [docs], mode == "latent_concat")
+    (ids,), _ = _latent_prompts(eng, gen, [question], [docs], mode == "latent_concat")
     yield from gen.stream_soft(ids, soft, params)

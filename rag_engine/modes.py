@@ -49,7 +49,8 @@ def rag_token_generate(gen: Generator, doc_prompts: Sequence[Sequence[np.ndarray
         now = time.perf_counter()
         events = []
         for j, q in enumerate(live.tolist()):
-            rows[q].append(int(tokens[j]), now, max_len - int(lengths[j * k : (j + 1) * k].max()) - 1)
+            own = lengths[j * k : (j + 1) * k][np.isfinite(la[q])]  # padded slots (alpha 0) do not count
+            rows[q].append(int(tokens[j]), now, max_len - int(own.max()) - 1)
             delta = rows[q].take_delta()
             if delta or rows[q].finish_reason:
                 events.append((q, delta))

@@ -133,6 +133,33 @@ def test_rag_token_with_one_document_equals_plain_generation(engine):
     msgs = prompts.concat_messages(q, [out.documents[0].text], engine.config.system_prompt)
     plain = engine.generator.generate([msgs], GREEDY)[0]
     assert out.token_ids == plain.token_ids
+    # The same with a repetition penalty: the rows' seen tokens are the document prompts (the
+    # sampler saw the bare question's prompt before).
+    penalised = dataclasses.replace(GREEDY, repetition_penalty=3.0)
+    out = engine.generate(q, penalised, k=1, mode="rag_token")[0]
+    assert out.token_ids == engine.generator.generate([msgs], penalised)[0].token_ids
+
+
+def test_rag_modes_report_their_own_documents_and_limits(encoder, generator, cache_dir):
+    from rag_engine import prompts
+
+    eng = make_engine(encoder, generator, cache_dir, context_tokens=120)
+    eng.w_a = -np.eye(encoder.dim, dtype=np.float32)  # alpha order no longer follows retrieval order
+    for q in ("How do I read a file?", "What is a class?", "dictionary default value"):
+        out = eng.generate(q, GREEDY, k=3, mode="rag_sequence")[0]
+        chosen = out.documents[out.metrics["rag_sequence_choice"]]  # an index into out.documents
+        msgs = prompts.concat_messages(q, [chosen.text], eng.config.system_prompt)
+        assert eng.generator.generate([msgs], GREEDY)[0].token_ids == out.token_ids
+    # rag_token: a query with fewer passages than the batch's k answers as it does alone (its
+    # padded slots set its context limit and prompt_tokens before)
+    eng.w_a = None
+    long_run = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True)
+    qs = ["classes methods self", "enumerate"]
+    assert sorted(len(d) for d in eng._context(qs, 2, "bm25", None, {})) == [1, 2]
+    batch = eng.generate(qs, long_run, k=2, mode="rag_token", retriever="bm25")
+    for q, b in zip(qs, batch):
+        one = eng.generate(q, long_run, k=2, mode="rag_token", retriever="bm25")[0]
+        assert b.token_ids == one.token_ids and b.metrics["prompt_tokens"] == one.metrics["prompt_tokens"]
 
 
 def test_stream_equals_generate(engine):

@@ -213,6 +213,24 @@ def test_latent_weights_save_load_and_checks(latent_engine, encoder, cache_dir, 
         LatentWeights.load(version, encoder.name, encoder.dim)
 
 
+def test_latent_concat_keeps_the_passage_budget(latent_engine):
+    import dataclasses
+
+    from rag_engine.latent import _latent_prompts
+
+    eng = latent_engine
+    eng.config = dataclasses.replace(eng.config, context_tokens=40)
+    q = "How do I read a file?"
+    docs = eng._context([q], 3, None, None, {})[0]
+    (ids,), (marked,) = _latent_prompts(eng, eng.latent_generator, [q], [docs], True)
+    text = eng.latent_generator.tokenizer.decode(ids)
+    for d in marked:  # in_prompt says which passages are in the prompt text, in both formats
+        assert (d.text.strip()[:40] in text) == d.in_prompt
+    assert sum(d.in_prompt for d in marked) < len(marked)
+    out = eng.generate(q, SamplingParams(max_tokens=2, temperature=0.0), k=3, mode="latent_concat")[0]
+    assert [d.in_prompt for d in out.documents] == [d.in_prompt for d in marked]
+
+
 def test_latent_without_weights_is_a_clear_error(latent_engine):
     latent_engine.latent = None
     with pytest.raises(ValueError, match="needs trained latent weights"):
