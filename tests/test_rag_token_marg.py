@@ -248,3 +248,39 @@ def test_sample_tiny_temperature_is_greedy(backend):
     got, lp = ops.rag_token_sample(log_alpha, logits, tiny, backend=backend)
     np.testing.assert_array_equal(got, want)
     assert np.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_marg_precision_with_large_logits_and_far_apart_documents(isa):
+    """The row offsets are kept apart from the row max, so logits near 1e4 (or a low
+    temperature) do not cancel against a float32 offset of their size; a document whose
+    weight is subnormal in the factored form is combined exactly where it matters."""
+    base = np.array([[[0.3, -1.2, 0.7], [1.1, 0.2, -0.4]]], np.float32)
+    la = np.log(np.array([[0.6, 0.4]], np.float32))
+    for shift in (0.0, 1000.0, 10000.0):
+        x = base + np.float32(shift)
+        out = ops.rag_token_marg(la, x, backend="cpu", isa=isa, threads=1)
+        ref = reference.rag_token_marg(la.astype(np.float64), x.astype(np.float64))
+        assert np.abs(out - ref).max() < 1e-6, (shift, out, ref)  # 1.2e-4 at 1e4 before
+    x = np.zeros((1, 2, 32), np.float32)
+    x[0, 0, 20], x[0, 1, 20] = -200.0, 60.0
+    la = np.array([[0.0, -47.4]], np.float32)
+    out = ops.rag_token_marg(la, x, backend="cpu", isa=isa, threads=1)
+    ref = reference.rag_token_marg(la.astype(np.float64), x.astype(np.float64))
+    assert np.abs(out - ref).max() < 1e-5  # token 20 was off by 0.69
+
+
+def test_sample_temperature_just_below_the_greedy_bound():
+    log_alpha = np.zeros((1, 1), np.float32)
+    logits = np.zeros((1, 1, 2), np.float32)  # a tie: greedy takes token 0, sampling u=0.9 takes 1
+
+    class Params:
+        temperature, top_k, top_p, min_p, seed = 9.9999999e-6, 0, 1.0, 0.0, None
+
+    class Draw:
+        def random(self, n):
+            return np.full(n, 0.9)
+
+    for backend in ("cpu", "torch"):
+        tokens, _ = ops.rag_token_sample(log_alpha, logits, Params(), generator=Draw(), backend=backend)
+        assert tokens.tolist() == [0], backend

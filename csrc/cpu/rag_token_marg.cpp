@@ -29,9 +29,11 @@ constexpr int64_t kChunk = 4096;             // logits per chunk: 16 KiB, fits L
 constexpr int64_t kWorkPerThread = 64 * 1024;  // logits a second thread must get to pay off
 constexpr int64_t kGroupLogits = 256 * 1024;   // 1 MiB: pass 2 still finds the group in L2/L3
 
-// c[i] = log_alpha[i] - log Σ_t exp(x_it / T) from the per-chunk (max, sum)
-// partials, merged in chunk order (double, so the merge adds no error).
-// Returns -1 or the first document i whose row is NaN/+Inf or all -inf.
+// From the per-chunk (shift, sum) partials, merged in chunk order (double, so the merge adds
+// no error): c[k + i] = mx_i, row i's largest shift, and c[i] = log_alpha[i] - log Σ_t
+// exp(x_it / T - mx_i), so that c[i] + (x_it / T - mx_i) is the log term without rounding an
+// offset as large as the logits (see combine). Returns -1 or the first document i whose row
+// is NaN/+Inf or all -inf.
 int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, int64_t k,
                     int64_t nchunks, float* c) {
   for (int64_t i = 0; i < k; ++i) {
@@ -44,7 +46,8 @@ int64_t doc_offsets(const float* log_alpha, const float* pm, const float* ps, in
       if (m[ch] != -std::numeric_limits<float>::infinity())
         sum += static_cast<double>(s[ch]) * std::exp(static_cast<double>(m[ch]) - mx);
     if (!std::isfinite(sum)) return i;
-    c[i] = static_cast<float>(static_cast<double>(log_alpha[i]) - (mx + std::log(sum)));
+    c[i] = static_cast<float>(static_cast<double>(log_alpha[i]) - std::log(sum));
+    c[k + i] = mx;
   }
   return -1;
 }
@@ -80,7 +83,7 @@ int64_t rag_token_marg_cpu(const RagTokenMargArgs& a) {
   std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
 
   parallel_region(nt, [&](int64_t t, int64_t nth) {
-    std::vector<float> c(static_cast<size_t>(a.k));
+    std::vector<float> c(static_cast<size_t>(2 * a.k));
     int64_t first_bad = std::numeric_limits<int64_t>::max();
     for (int64_t g0 = 0; g0 < a.b; g0 += group) {
       const int64_t items = (std::min(a.b, g0 + group) - g0) * nchunks;

@@ -63,9 +63,10 @@ struct MargKernels {
   // Σ_t exp(x_t * it - *m), and the kept exponentials e[t] = exp(x_t * it - *m); `next`:
   // the chunk the caller reads next (prefetched into L2 meanwhile), or null.
   void (*lse_chunk)(const float* x, int64_t n, float it, float* m, float* s, float* e, const float* next);
-  // out[t] = log Σ_i exp(x[i * stride + t] * it + c[i]) for t < n, from the kept exponentials
-  // e[i * e_stride + t] and each row's chunk shift m[i * m_stride] (x is read only for the rare
-  // tokens recomputed exactly).
+  // out[t] = log Σ_i exp(x[i * stride + t] * it - c[k + i] + c[i]) for t < n (c[k + i]: row i's
+  // largest shift, c[i]: log_alpha_i less the log of the row's sum below that shift, so that
+  // neither carries the size of the logits), from the kept exponentials e[i * e_stride + t] and
+  // each row's chunk shift m[i * m_stride] (x is read only for the rare tokens recomputed exactly).
   void (*combine)(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
                   const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out);
   // w[t] = exp(z[t] - shift); returns Σ_t w[t].

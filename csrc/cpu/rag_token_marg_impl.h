@@ -100,8 +100,9 @@ void lse_chunk(const float* x, int64_t n, float it, float* m_out, float* s_out, 
   *s_out = exp_pass<S, false>(x, n, it, shift, e, nullptr, nullptr);
 }
 
-// Per token: y_i = x_i * it + c_i, out = m + log Σ_i exp(y_i - m) with m = max_i y_i
-// (floored at -FLT_MAX so a token that is -inf everywhere gives -inf, not NaN).
+// Per token: y_i = (x_i * it - c[k + i]) + c[i] (the fma rounds the small difference once,
+// so large logits do not cancel against a large offset), out = m + log Σ_i exp(y_i - m) with
+// m = max_i y_i (floored at -FLT_MAX so a token that is -inf everywhere gives -inf, not NaN).
 template <class S>
 void combine_exact(const float* x, int64_t stride, const float* c, int64_t k, int64_t n, float it,
              float* out) {
@@ -115,12 +116,13 @@ void combine_exact(const float* x, int64_t stride, const float* c, int64_t k, in
     V m = lowest;
     for (int64_t i = 0; i < k; ++i) {
       const float* p = x + i * stride + j;
-      m = S::max(m, S::fma(full ? S::load(p) : S::load_n(p, cnt), itv, S::set1(c[i])));
+      const V y = S::add(S::fma(full ? S::load(p) : S::load_n(p, cnt), itv, S::set1(-c[k + i])), S::set1(c[i]));
+      m = S::max(m, y);
     }
     V s = zero;
     for (int64_t i = 0; i < k; ++i) {
       const float* p = x + i * stride + j;
-      const V y = S::fma(full ? S::load(p) : S::load_n(p, cnt), itv, S::set1(c[i]));
+      const V y = S::add(S::fma(full ? S::load(p) : S::load_n(p, cnt), itv, S::set1(-c[k + i])), S::set1(c[i]));
       s = S::add(s, S::exp(S::sub(y, m)));
     }
     const V r = S::gt_select(s, zero, S::add(m, S::log(s)), ninf);
@@ -130,11 +132,13 @@ void combine_exact(const float* x, int64_t stride, const float* c, int64_t k, in
 }
 
 // The combination from the kept exponentials: with e_it = exp(x_it * it - m_i) (m_i the
-// chunk shift of row i, at most 64 below its max), exp(y_it) = exp(c_i + m_i) e_it, so
-// out[t] = M + log Σ_i w_i e_it with M = max_i (c_i + m_i) and w_i = exp(c_i + m_i - M)
-// <= 1: K multiply-adds and one log per token instead of K exps. Where that sum is below
-// 2^-90 (a token far below every row's shift, whose e_it lost precision or underflowed)
-// the lanes are recomputed exactly by the per-token-max formula.
+// chunk shift of row i, at most 64 below its max), exp(y_it) = exp(o_i) e_it with
+// o_i = c_i + (m_i - mx_i) (mx_i = c[k + i]; the shifts' difference is exact), so
+// out[t] = M + log Σ_i w_i e_it with M = max_i o_i and w_i = exp(o_i - M) <= 1: K
+// multiply-adds and one log per token instead of K exps. Where that sum is below 2^-90 (a
+// token far below every row's shift, whose e_it lost precision or underflowed) the lanes are
+// recomputed exactly by the per-token-max formula; when some w_i is subnormal (or 0) it is
+// imprecise, and its term (<= w_i e^64) can only be trusted in sums above 2^-30.
 template <class S>
 void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, const float* c,
              const float* m, int64_t m_stride, int64_t k, int64_t n, float it, float* out) {
@@ -143,13 +147,19 @@ void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, c
   constexpr int kMaxK = 64;
   float w[kMaxK];
   float big = -kInf;
-  for (int64_t i = 0; i < k; ++i) big = c[i] + m[i * m_stride] > big ? c[i] + m[i * m_stride] : big;
+  const auto offset = [&](int64_t i) { return c[i] + (m[i * m_stride] - c[k + i]); };
+  for (int64_t i = 0; i < k && k <= kMaxK; ++i)
+    if (m[i * m_stride] != -kInf) big = offset(i) > big ? offset(i) : big;
   if (k > kMaxK || big == -kInf) {  // many documents, or no finite term in the chunk
     combine_exact<S>(x, stride, c, k, n, it, out);
     return;
   }
-  for (int64_t i = 0; i < k; ++i) w[i] = m[i * m_stride] == -kInf ? 0.0f : std::exp(c[i] + m[i * m_stride] - big);
-  const V bigv = S::set1(big), tiny = S::set1(0x1p-90f);
+  bool subnormal = false;
+  for (int64_t i = 0; i < k; ++i) {
+    w[i] = m[i * m_stride] == -kInf ? 0.0f : std::exp(offset(i) - big);
+    subnormal = subnormal || (m[i * m_stride] != -kInf && w[i] < std::numeric_limits<float>::min());
+  }
+  const V bigv = S::set1(big), tiny = S::set1(subnormal ? 0x1p-30f : 0x1p-90f);
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {  // two vectors at a time: two independent log chains
     V a0 = S::zero(), a1 = S::zero();
