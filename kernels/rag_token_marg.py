@@ -57,9 +57,12 @@ def _combine_kernel(x_ptr, la_ptr, pm_ptr, ps_ptr, out_ptr, bad_ptr, k, v, split
         top = tl.max(pm, 0)
         empty = top == float("-inf")  # no finite logit in the row
         tl.atomic_min(bad_ptr, tl.where(empty, row.to(tl.int64), 2**62))
-        lse = top + tl.log(tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - top), 0.0), 0))
-        c = tl.where(empty, float("-inf"), tl.load(la_ptr + row) - lse)
-        x = tl.load(x_ptr + row.to(tl.int64) * v + rv, mask=vmask, other=float("-inf")).to(tl.float32) * inv_t + c
+        # log_alpha - (lse - top): the row max stays out of the offset, and x * inv_t - top is one
+        # rounding (fma), so logits far from 0 do not cancel against an offset of their size
+        lsum = tl.log(tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - top), 0.0), 0))
+        c = tl.where(empty, float("-inf"), tl.load(la_ptr + row) - lsum)
+        xv = tl.load(x_ptr + row.to(tl.int64) * v + rv, mask=vmask, other=float("-inf")).to(tl.float32)
+        x = tl.fma(xv, inv_t, -top) + c
         x = tl.where(x != x, float("-inf"), x)  # NaN/+Inf rows are already flagged
         m_new = tl.maximum(m, x)
         live = m_new > float("-inf")

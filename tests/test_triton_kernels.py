@@ -148,6 +148,18 @@ def test_marg_triton(b, k, v, temperature):
     run_marg("triton", "cpu", b, k, v, temperature)
 
 
+def test_marg_triton_large_logits_keep_precision():
+    from rag_engine import reference
+
+    base = np.array([[[0.3, -1.2, 0.7], [1.1, 0.2, -0.4]]], np.float32)
+    la = np.log(np.array([[0.6, 0.4]], np.float32))
+    for shift in (0.0, 1000.0, 10000.0):  # 5.6e-4 at 1e4 before
+        x = base + np.float32(shift)
+        out = gpu_ops.rag_token_marg("triton", torch.from_numpy(la), torch.from_numpy(x), 1.0)
+        ref = reference.rag_token_marg(la.astype(np.float64), x.astype(np.float64))
+        assert np.abs(np.asarray(out) - ref).max() < 1e-6, shift
+
+
 def test_marg_triton_fp16_and_torch_path():
     run_marg("triton", "cpu", 2, 3, 3000, 1.0, torch.float16)
     run_marg("torch", "cpu", 2, 3, 3000, 0.7)
