@@ -54,13 +54,15 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[row * gridDim.y + blockIdx.y] = st;
 }
 
-// Pass 2: grid (V blocks, b). c_i = log_alpha_i - lse_i in shared memory,
-// then per token a logsumexp over the k documents of c_i + x_i * it.
+// Pass 2: grid (V blocks, b). In shared memory c_i = log_alpha_i - log s_i and mx_i (the row's
+// (max, sum) from pass 1), then per token a logsumexp over the k documents of
+// c_i + (x_i * it - mx_i): one rounding for the difference (fma), so logits far from 0 do not
+// cancel against an offset of their size.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const T* logits, const float* log_alpha, const MaxSum* partial, int64_t k,
                    int64_t v, int64_t splits, float it, float* out, unsigned long long* bad) {
-  extern __shared__ float c[];
+  extern __shared__ float c[];  // [2k]: c_i, then mx_i
   const int64_t b = blockIdx.y;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const int64_t row = b * k + i;
@@ -69,8 +71,10 @@ __global__ void __launch_bounds__(kThreads)
     if (st.m == -INFINITY) {  // no finite logit in the row: no distribution
       if (blockIdx.x == 0) cuda::report_bad(bad, row);
       c[i] = -INFINITY;
+      c[k + i] = 0.f;
     } else {
-      c[i] = log_alpha[row] - (st.m + logf(st.s));
+      c[i] = log_alpha[row] - logf(st.s);
+      c[k + i] = st.m;
     }
   }
   __syncthreads();
@@ -83,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
     bool unused = false;  // pass 1 already flagged NaN/+Inf
     for (int64_t i = 0; i < k; ++i) {
       if (c[i] == -INFINITY) continue;  // weight 0 (log_alpha = -inf) or flagged row
-      online_add(st, c[i] + cuda::to_f32(logits[(b * k + i) * v + t]) * it, unused);
+      online_add(st, c[i] + fmaf(cuda::to_f32(logits[(b * k + i) * v + t]), it, -c[k + i]), unused);
     }
     out[b * v + t] = st.m == -INFINITY ? -INFINITY : st.m + logf(st.s);
   }
@@ -119,7 +123,7 @@ cudaError_t launch(const RagTokenMargCudaArgs& a) {
                                                                partial, a.bad);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t smem = static_cast<size_t>(a.k) * sizeof(float);
+  const size_t smem = static_cast<size_t>(2 * a.k) * sizeof(float);
   err = cuda::allow_smem(reinterpret_cast<const void*>(combine_kernel<T>), smem);
   if (err != cudaSuccess) return err;
   const dim3 grid2(static_cast<unsigned>(cuda::ceil_div(a.v, kThreads * kTokensPerThread)),
