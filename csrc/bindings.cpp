@@ -298,7 +298,8 @@ py::tuple rag_token_sample(const py::array& log_alpha, const py::array& logits, 
   check_array(op, "uniforms", uniforms, 1, 'f', 8, "float64");
   RAG_CHECK(op, uniforms.shape(0) == a.b, "uniforms must have B=", a.b, " entries, got ", uniforms.shape(0));
   RagTokenSampleArgs s;
-  // greedy below 1e-5, decided in double: every T in [1e-5f, 1e-5) rounds to 1e-5f as a float
+  // Greedy (0) below 1e-5 as vLLM and the generator (dividing by less overflows), decided in
+  // double: every T in [1e-5f, 1e-5) rounds to 1e-5f as a float.
   s.temperature = temperature < 1e-5 ? 0.0f : static_cast<float>(temperature);
   s.top_k = top_k;
   s.top_p = top_p;

@@ -200,7 +200,6 @@ class Scheduler:
         self.lock = lock or threading.RLock()  # held while the session runs
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
-        self._fresh: list[Request] = []  # admitted by the current step, not yet running
         self._wake = threading.Condition()
         self._closed = False
         self.counters = dict(requests=0, finished=0, cancelled=0, rejected=0, steps=0,
@@ -267,24 +266,28 @@ class Scheduler:
                     self.step()
             except Exception as exc:  # a failing step fails its requests, never the thread
                 log.exception("scheduler step failed")
-                # the newcomers too: admitted off the queue, they join _running only after prefill
-                for req in self._running + [r for r in self._fresh if r not in self._running]:
+                for req in self._running:
                     req.handle.fail(exc)
-                self._running, self._fresh, self.cache.batch = [], [], 0
+                self._running, self.cache.batch = [], 0
 
     def step(self) -> None:
         """Drop finished/cancelled sequences, admit and prefill newcomers, decode one token."""
         self._drop()
-        fresh = self._fresh = self._admit()
+        fresh = self._admit()
         c = self.counters
         if fresh:
-            self._fit(max(len(p) + s.row.params.max_tokens for r in fresh for s in r.seqs for p in s.prompts))
-            t0, d0 = time.perf_counter(), c["decode_seconds"]
-            self._prefill(fresh)
+            try:
+                self._fit(max(len(p) + s.row.params.max_tokens for r in fresh for s in r.seqs for p in s.prompts))
+                t0, d0 = time.perf_counter(), c["decode_seconds"]
+                self._prefill(fresh)
+            except Exception as exc:  # newcomers off the queue but not yet running: _loop cannot see them
+                for req in fresh:
+                    if req not in self._running:
+                        req.handle.fail(exc)
+                raise
             # decode steps run between prefill pieces are counted as decode, not prefill
             c["prefill_seconds"] += time.perf_counter() - t0 - (c["decode_seconds"] - d0)
             c["prefill_calls"] += 1
-            self._fresh = []  # in _running now
             self._drop()
         if self._running:
             self._timed_decode()

@@ -148,7 +148,7 @@ void combine(const float* e, int64_t e_stride, const float* x, int64_t stride, c
   float w[kMaxK];
   float big = -kInf;
   const auto offset = [&](int64_t i) { return c[i] + (m[i * m_stride] - c[k + i]); };
-  for (int64_t i = 0; i < k && k <= kMaxK; ++i)
+  for (int64_t i = 0; i < k; ++i)
     if (m[i * m_stride] != -kInf) big = offset(i) > big ? offset(i) : big;
   if (k > kMaxK || big == -kInf) {  // many documents, or no finite term in the chunk
     combine_exact<S>(x, stride, c, k, n, it, out);

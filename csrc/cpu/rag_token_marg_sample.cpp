@@ -93,8 +93,8 @@ void top_p_filter(const float* z, float* w, double top_p, std::vector<int64_t>& 
 int64_t sample_row(const float* lp, int64_t n, const RagTokenSampleArgs& p, double u,
                    const MargKernels& kern, std::vector<float>& z, std::vector<float>& w,
                    std::vector<int64_t>& live, std::vector<int64_t>& cand) {
-  // Below 1e-5 (vLLM's rule, and the generator's): argmax; dividing by less overflows.
-  if (p.temperature < 1e-5f) return first_max(lp, n, kern.max(lp, n));
+  // 0: argmax (the binding maps every temperature below 1e-5 to 0, deciding in double)
+  if (p.temperature == 0.0f) return first_max(lp, n, kern.max(lp, n));
   for (int64_t t = 0; t < n; ++t) z[t] = lp[t] / p.temperature;
   const float zmax = kern.max(z.data(), n);
   kern.exp_shift(z.data(), n, zmax, w.data());
