@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rag_engine.checksum import update_from_file
+from rag_engine.checksum import sha256_file, update_from_file
 
 _DONE_MARKER = "COMPLETE"
 
@@ -38,6 +38,26 @@ def hash_files(folder: Path, patterns: tuple[str, ...] = ("*",)) -> str:
         digest.update(path.name.encode())
         update_from_file(digest, path)
     return digest.hexdigest()
+
+
+def file_records(folder: Path, names) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of files in ``folder``: what an entry records to be checked later."""
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in names}
+
+
+def file_problem(folder: Path, records: dict, verify: bool = True) -> str | None:
+    """The first way the files of ``folder`` differ from ``records`` (missing, size, and with
+    ``verify`` sha256), or None. Malformed records raise KeyError/TypeError/AttributeError."""
+    for name, meta in records.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{folder}: {name} is missing"
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            return f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}"
+        if verify and sha256_file(file) != meta["sha256"]:
+            return f"{file} is corrupted: sha256 differs from its record"
+    return None
 
 
 def is_complete(folder: Path) -> bool:

@@ -22,7 +22,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rag_engine import cache
-from rag_engine.checksum import sha256_file
 from rag_engine.errors import ExportFormatError
 from rag_engine.generator.spec import DecoderSpec
 
@@ -158,8 +157,7 @@ def _quantize_dynamic(folder: Path) -> None:
 
 
 def write_manifest(folder: Path, spec: DecoderSpec, config: ExportConfig) -> None:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-             for name in (MODEL_FILE, DATA_FILE)}
+    files = cache.file_records(folder, (MODEL_FILE, DATA_FILE))
     manifest = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec),
                 "config": dataclasses.asdict(config), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -184,15 +182,8 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> tuple[Decod
         files = manifest["files"]
         if set(files) != {MODEL_FILE, DATA_FILE}:
             raise ExportFormatError(f"{path}: expected entries for {MODEL_FILE} and {DATA_FILE}, got {sorted(files)}")
-        for name, meta in files.items():
-            file = folder / name
-            if not file.is_file():
-                raise ExportFormatError(f"{folder}: {name} is missing")
-            size = file.stat().st_size
-            if size != meta["bytes"]:
-                raise ExportFormatError(f"{file} is corrupted: expected {meta['bytes']} bytes, got {size}")
-            if verify and sha256_file(file) != meta["sha256"]:
-                raise ExportFormatError(f"{file} is corrupted: sha256 differs from {MANIFEST}")
+        if (problem := cache.file_problem(folder, files, verify)) is not None:
+            raise ExportFormatError(problem)
         return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ExportFormatError(f"{path} is malformed ({type(err).__name__}: {err})") from err

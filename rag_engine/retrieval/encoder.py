@@ -20,8 +20,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag_engine.cache import cache_root, hash_files, is_complete, publish, staging_dir
-from rag_engine.checksum import sha256_file
+from rag_engine.cache import (
+    cache_root,
+    file_problem,
+    file_records,
+    hash_files,
+    is_complete,
+    publish,
+    staging_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +99,7 @@ def _export(folder: Path, out: Path, precision: str) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     (out / "encoder.json").write_text(json.dumps({"dim": cfg["hidden_size"], "precision": precision,
                                                   "max_positions": cfg.get("max_position_embeddings", 0)}))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(out.iterdir()) if p.is_file()}
+    files = file_records(out, sorted(p.name for p in out.iterdir() if p.is_file()))
     (out / _FILES).write_text(json.dumps(files, indent=1))
 
 
@@ -104,8 +110,7 @@ def _intact(folder: Path) -> bool:
     """A complete export whose files still have their recorded sizes and sha256."""
     try:
         files = json.loads((folder / _FILES).read_text())
-        return bool(files) and all((folder / n).stat().st_size == m["bytes"] and sha256_file(folder / n) == m["sha256"]
-                                   for n, m in files.items())
+        return bool(files) and file_problem(folder, files) is None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
