@@ -1,4 +1,4 @@
-"""Quantised exports (int8 MatMulNBits, int8 quantize_dynamic, int4 MatMulNBits) vs fp32 HF logits.
+"""Quantised exports (int8 MatMulInt8Block / MatMulNBits, int8 quantize_dynamic, int4 MatMulNBits) vs fp32 HF logits.
 
 Documented tolerance: int8 (block 64 by default, and 32) max |logit error| <= 0.15 x the std of
 the fp32 logits and top-1 agreement >= 95% on random prompts; int4 (block 32) max error <= 1.5 x
@@ -14,15 +14,19 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+import onnx  # noqa: E402
 from test_generator import VOCAB, tiny_model  # noqa: E402
 
-from rag_engine.generator import ExportConfig, Generator  # noqa: E402
+from rag_engine.generator import ExportConfig, Generator, export_model, ortops  # noqa: E402
 from rag_engine.generator.kv_cache import KVCache  # noqa: E402
 from rag_engine.generator.loop import prefill  # noqa: E402
 from rag_engine.generator.quant import dequantize_blockwise, quantize_blockwise  # noqa: E402
 
-CASES = [("int8", "nbits", None, 0.15, 0.95), ("int8", "nbits", 32, 0.15, 0.95), ("int8", "dynamic", None, 0.15, 0.95),
-         ("int4", "nbits", None, 1.5, 0.60)]
+needs_ortops = pytest.mark.skipif(ortops.library_path() is None, reason="rag_engine/_ortops.so is not built")
+CASES = [("int8", "nbits", None, 0.15, 0.95, False), ("int8", "nbits", 32, 0.15, 0.95, False),
+         pytest.param("int8", "nbits", None, 0.15, 0.95, True, marks=needs_ortops),
+         pytest.param("int8", "nbits", 32, 0.15, 0.95, True, marks=needs_ortops),
+         ("int8", "dynamic", None, 0.15, 0.95, None), ("int4", "nbits", None, 1.5, 0.60, None)]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +35,19 @@ def gen_quant_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize(("precision", "method", "block", "err_bound", "top1_bound"), CASES)
-def test_quantised_logits_within_tolerance(family, precision, method, block, err_bound, top1_bound, gen_quant_cache):
+@pytest.mark.parametrize(("precision", "method", "block", "err_bound", "top1_bound", "custom_ops"), CASES)
+def test_quantised_logits_within_tolerance(family, precision, method, block, err_bound, top1_bound, custom_ops,
+                                           gen_quant_cache):
     model = tiny_model(family, seed=7)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, VOCAB, 24) for _ in range(16)]
     with torch.no_grad():
         ref = np.stack([model(torch.tensor(p[None])).logits[0].numpy() for p in prompts])
-    config = ExportConfig(precision=precision, int8_method=method, block_size=block, all_logits=True)
+    config = ExportConfig(precision=precision, int8_method=method, block_size=block, all_logits=True,
+                          custom_ops=custom_ops)
     gen = Generator.from_hf(model, cache_dir=gen_quant_cache, export_config=config)
+    ops = {node.op_type for node in onnx.load(gen.session.folder / "model.onnx", load_external_data=False).graph.node}
+    assert ("MatMulInt8Block" in ops) == bool(custom_ops) and ("MatMulNBits" in ops) == (method == "nbits" and not custom_ops)
     spec = gen.session.spec
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(prompts), 24)
     logits = prefill(gen.session, cache, prompts)
@@ -109,3 +117,46 @@ def test_smoothing_is_exact_in_fp32(tmp_path):
         prompts = [np.random.default_rng(1).integers(0, VOCAB, 20)]
         outs.append(prefill(session, KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, 20), prompts).copy())
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-4 * np.abs(outs[0]).max())
+
+
+def test_custom_ops_config_resolution(monkeypatch, tmp_path):
+    assert ExportConfig(precision="int8").custom_ops is ortops.available()
+    for kwargs in (dict(), dict(precision="int8", int8_method="dynamic"), dict(precision="int4")):
+        assert ExportConfig(custom_ops=True, **kwargs).custom_ops is False  # no 8-bit block GEMM to replace
+    assert ExportConfig(precision="int8", custom_ops=False).custom_ops is False
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(ValueError, match="custom_ops must be a bool or None"):
+            ExportConfig(precision="int8", custom_ops=bad)
+    monkeypatch.setattr(ortops, "LIBRARY", tmp_path / "missing.so")
+    assert ExportConfig(precision="int8").custom_ops is False  # not built: MatMulNBits
+    with pytest.raises(FileNotFoundError, match="custom_ops=True needs the op library"):
+        export_model(tiny_model("llama", seed=7), tmp_path / "out", ExportConfig(precision="int8", custom_ops=True),
+                     progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_ortops
+def test_custom_ops_export_needs_the_library_to_load(monkeypatch, gen_quant_cache):
+    """An export that uses MatMulInt8Block names the missing library instead of an unknown-op error;
+    manifests written before the field existed read as custom_ops=False."""
+    import json
+
+    from rag_engine.generator.export import MANIFEST, read_manifest
+    from rag_engine.generator.session import DecoderSession
+
+    gen = Generator.from_hf(tiny_model("llama", seed=7), cache_dir=gen_quant_cache,
+                            export_config=ExportConfig(precision="int8", custom_ops=True))
+    folder = gen.session.folder
+    monkeypatch.setattr(ortops, "LIBRARY", folder / "missing.so")
+    with pytest.raises(FileNotFoundError, match="uses ai.rag_engine ops but .*missing.so is missing"):
+        DecoderSession(folder)
+    monkeypatch.undo()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["config"]["custom_ops"] is True
+    del manifest["config"]["custom_ops"]
+    old = folder.parent / "old-manifest"
+    old.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        (old / name).symlink_to(folder / name)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert read_manifest(old)[1].custom_ops is False

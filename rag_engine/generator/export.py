@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rag_engine import cache
 from rag_engine.errors import ExportFormatError
+from rag_engine.generator import ortops
 from rag_engine.generator.spec import DecoderSpec
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class ExportConfig:
     explicit_rotary: Llama-family graphs honour arbitrary ``position_ids`` through RotaryEmbedding
     nodes; by default the rotary embedding is fused into GroupQueryAttention, which places each
     token at its cache slot (what the runtime always feeds) and ignores ``position_ids``.
+    custom_ops: compute the 8-bit block-quantised weight GEMMs (``int8``, ``int8_method="nbits"``)
+    with rag_engine's own ONNX Runtime op (``ortops.py``: the same weights, faster on AVX-512
+    VNNI) instead of MatMulNBits. None: when the op library is built and the CPU has AVX-512
+    VNNI; True: whenever it applies (the library must be built); False: only ONNX Runtime's
+    own ops (a portable export). Resolved on construction; False where no such GEMM exists.
     """
 
     precision: str = "fp32"
@@ -58,6 +64,7 @@ class ExportConfig:
     accuracy_level: int = 4
     int8_method: str = "nbits"
     explicit_rotary: bool = False
+    custom_ops: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("all_logits", "inputs_embeds", "explicit_rotary"):
@@ -73,6 +80,11 @@ class ExportConfig:
         if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
                                             or self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16 or None, got {self.block_size!r}")
+        if self.custom_ops is not None and type(self.custom_ops) is not bool:
+            raise ValueError(f"custom_ops must be a bool or None, got {self.custom_ops!r}")
+        applies = self.bits == 8
+        resolved = applies and (ortops.available() if self.custom_ops is None else self.custom_ops)
+        object.__setattr__(self, "custom_ops", resolved)
 
     @property
     def block(self) -> int:
@@ -98,6 +110,9 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     from rag_engine.generator.graph import build_graph
     from rag_engine.generator.spec import read_spec
 
+    if config.custom_ops and ortops.library_path() is None:
+        raise FileNotFoundError(f"custom_ops=True needs the op library {ortops.LIBRARY}, which is not built "
+                                f"(pip install -e .); export with custom_ops=None or False")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = ["read weights", "build graph", "save"] + (["quantize"] if config.precision == "int8" and config.bits is None else [])
@@ -113,7 +128,7 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     bar.set_postfix_str(steps[1])
     proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
                         bits=config.bits, block=config.block, accuracy_level=config.accuracy_level,
-                        explicit_rotary=config.explicit_rotary)
+                        explicit_rotary=config.explicit_rotary, custom_ops=config.custom_ops)
     del weights
     bar.update()
     bar.set_postfix_str(steps[2])
@@ -184,7 +199,8 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> tuple[Decod
             raise ExportFormatError(f"{path}: expected entries for {MODEL_FILE} and {DATA_FILE}, got {sorted(files)}")
         if (problem := cache.file_problem(folder, files, verify)) is not None:
             raise ExportFormatError(problem)
-        return DecoderSpec(**manifest["spec"]), ExportConfig(**manifest["config"])
+        config = {"custom_ops": False} | manifest["config"]  # exports that predate the field
+        return DecoderSpec(**manifest["spec"]), ExportConfig(**config)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ExportFormatError(f"{path} is malformed ({type(err).__name__}: {err})") from err
 
@@ -222,7 +238,7 @@ def _graph_options(config: ExportConfig) -> dict:
     """The options that shape the exported graph (an fp32 graph ignores the quantisation ones)."""
     opts = dataclasses.asdict(config)
     if config.precision == "fp32":
-        for name in ("block_size", "accuracy_level", "int8_method"):
+        for name in ("block_size", "accuracy_level", "int8_method", "custom_ops"):
             opts.pop(name)
     return opts
 

@@ -81,17 +81,20 @@ class Generator:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "default", precision: str = "fp32",
                         threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                        progress: bool = True, int8_method: str = "nbits", **kwargs) -> Generator:
+                        progress: bool = True, int8_method: str = "nbits", custom_ops: bool | None = None,
+                        **kwargs) -> Generator:
         """Load a Hugging Face folder or a known name ("smollm2-135m-instruct", alias "default").
 
         Exports (and quantises) on first use; later calls load the cached export. int8_method:
         "nbits" (MatMulNBits in blocks of 64 weights, the default) or "dynamic" (quantize_dynamic
         per-channel weights, activations quantised per tensor: faster in batches, less faithful
-        to fp32).
+        to fp32). custom_ops: whether "nbits" GEMMs run on rag_engine's own ONNX Runtime op
+        (None: where built and the CPU has AVX-512 VNNI; see ExportConfig).
         """
         from transformers import AutoTokenizer
 
-        config = ExportConfig(precision=precision, int8_method=int8_method)  # validates before any work
+        config = ExportConfig(precision=precision, int8_method=int8_method,  # validates before any work
+                              custom_ops=custom_ops)
         folder = assets.resolve_model(name_or_path, cache_dir)
 
         def load():

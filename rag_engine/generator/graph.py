@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rag_engine.generator.quant import quantize_blockwise
+from rag_engine.generator.ortops import DOMAIN as RAG_DOMAIN
+from rag_engine.generator.quant import pack_int8_vnni, quantize_blockwise
 from rag_engine.generator.spec import DecoderSpec
 
 MS = "com.microsoft"
@@ -33,19 +34,26 @@ OPSET = 17
 class _Graph:
     """Minimal node/initializer accumulator with unique names."""
 
-    def __init__(self, bits: int | None = None, block: int = 32, accuracy_level: int = 4) -> None:
+    def __init__(self, bits: int | None = None, block: int = 32, accuracy_level: int = 4,
+                 custom_ops: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
         self._consts: set[str] = set()
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.int8_op = custom_ops and bits == 8  # MatMulInt8Block instead of MatMulNBits
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
 
     def matmul(self, x: str, w: dict, key: str) -> str:
-        """``x @ w[key]`` — fp32 MatMul, or MatMulNBits when the graph is weight-quantised."""
+        """``x @ w[key]`` — fp32 MatMul, or MatMulNBits / MatMulInt8Block when the graph is weight-quantised."""
         weight = w[key]
         if self.bits is None:
             return self.one("MatMul", [x, self.init(key, weight)])
+        if self.int8_op:
+            q, scales, bias = pack_int8_vnni(weight, self.block)
+            names = [self.init(key + "_q8", q), self.init(key + "_s8", scales), self.init(key + "_b8", bias)]
+            k, n = weight.shape
+            return self.one("MatMulInt8Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n, block_size=self.block)
         packed, scales = quantize_blockwise(weight, self.bits, self.block)
         names = (self.init(key + "_q", packed), self.init(key + "_scales", scales))
         self.quantized[key] = names
@@ -167,14 +175,16 @@ def _norm(g: _Graph, spec: DecoderSpec, w: dict, x: str, key: str, skip: str | N
 
 def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool = False,
                 inputs_embeds: bool = False, bits: int | None = None, block: int = 32,
-                accuracy_level: int = 4, explicit_rotary: bool = False) -> onnx.ModelProto:
+                accuracy_level: int = 4, explicit_rotary: bool = False,
+                custom_ops: bool = False) -> onnx.ModelProto:
     """Return the decoder ``ModelProto`` for ``spec`` with fp32 weights ``w`` (see module doc).
 
     ``bits`` = 4 or 8 quantises every MatMul weight (and the embedding table) blockwise into
     MatMulNBits / GatherBlockQuantized; ``accuracy_level`` 4 lets ONNX Runtime compute them with
-    int8 activations (VNNI), as onnxruntime-genai does.
+    int8 activations (VNNI), as onnxruntime-genai does. ``custom_ops`` (8 bits): the weight GEMMs
+    are ``ai.rag_engine::MatMulInt8Block`` (csrc/ortops) over the same quantised weights.
     """
-    g = _Graph(bits, block, accuracy_level)
+    g = _Graph(bits, block, accuracy_level, custom_ops)
     seqlens, total, last = _mask_inputs(g, inputs_embeds)
     tied = np.array_equal(w["embed"], w["lm_head"].T)
     x = "inputs_embeds" if inputs_embeds else _embed(g, spec, w, tied)
@@ -227,7 +237,7 @@ def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool, flat: bo
     ``flat``: h is ``[B, H]`` (last tokens) and logits come out ``[B, 1, V]``; else ``[B, S, *]``.
     """
     if g.bits is not None:
-        if "lm_head" in g.quantized:
+        if "lm_head" in g.quantized and not g.int8_op:
             k, n = w["lm_head"].shape
             out = g.one("MatMulNBits", [h, *g.quantized["lm_head"]], domain=MS, K=k, N=n,
                         bits=g.bits, block_size=g.block, accuracy_level=g.accuracy_level)
@@ -267,4 +277,6 @@ def _model(g: _Graph, spec: DecoderSpec, inputs_embeds: bool) -> onnx.ModelProto
                                                          ["batch", kv[0], "present", kv[1]]))
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    if g.int8_op:
+        opsets.append(helper.make_opsetid(RAG_DOMAIN, 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="rag-engine")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from rag_engine.generator import ortops
 from rag_engine.generator.export import MODEL_FILE, ExportFormatError, read_manifest
 from rag_engine.generator.kv_cache import KVCache
 
@@ -37,6 +38,8 @@ class DecoderSession:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if self.config.custom_ops:
+            ortops.register(options)
         try:
             self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options,
                                                 providers=["CPUExecutionProvider"])

@@ -1,0 +1,53 @@
+// Block-quantised int8 weight GEMM for ONNX Runtime's CPU decode path.
+//
+// y[M, N] = x[M, K] @ W[K, N] with W stored as signed 8-bit values q in blocks of `block`
+// consecutive k (one fp32 scale per (column, block), as ONNX Runtime's MatMulNBits with
+// bits=8: W[k, n] = q[k, n] * scale[n, k / block]). x is quantised per (row, block) to int8
+// with scale absmax/127 (round to nearest even), as MatMulNBits' accuracy_level 4 does, and
+// each block's dot product is exact in int32:
+//   y[m, n] = sum_b xs[m, b] * ws[n, b] * sum_{k in b} xq[m, k] q[k, n].
+//
+// Weight layout (written by rag_engine/generator/quant.py pack_int8_vnni): columns in
+// groups of 16, N padded with zero columns to a multiple of 16 and K with zero rows to a
+// multiple of `block`:
+//   q      int8  [groups, blocks, block / 4, 16, 4]   (4 consecutive k of 16 columns: one
+//                                                      512-bit VNNI operand)
+//   scales fp32  [groups, blocks, 16]
+//   bias   int32 [groups, blocks, 16] = -128 * sum_{k in block} q[k, n]
+// Activations are stored as uint8 xq + 128 (VPDPBUSD multiplies unsigned by signed bytes);
+// bias removes the +128 from each block's sum. A block of x holding NaN or +-Inf gets the
+// scale NaN, so every output of that row is NaN (never a finite value from garbage).
+#pragma once
+
+#include <cstdint>
+
+namespace rag_engine::qgemm {
+
+struct Weights {
+  const int8_t* q;
+  const float* scales;
+  const int32_t* bias;
+  int64_t k, n, groups, blocks, block;
+};
+
+// Activations quantised for one call: xq [m, blocks * block] uint8 (zero-padded past k,
+// stored +128), xs [m, blocks].
+struct Activations {
+  const uint8_t* xq;
+  const float* xs;
+  int64_t m;
+};
+
+// Quantises rows [m0, m1) of x [m, k]. Same bytes on every path.
+void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights& w, uint8_t* xq, float* xs);
+void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights& w, uint8_t* xq, float* xs);
+
+// y[:, 16 * g0 : 16 * g1] for column groups [g0, g1), every row (y is [m, n], row-major;
+// columns past n are not written).
+void gemm_groups_scalar(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y);
+void gemm_groups_avx512(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y);
+
+// Whether this CPU runs the AVX-512 VNNI path (and RAG_ENGINE_ISA does not ask for another).
+bool use_avx512_vnni();
+
+}  // namespace rag_engine::qgemm
