@@ -343,8 +343,14 @@ def onnx_weight_bytes(path: Path) -> int:
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
-    streamed = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
+    # a table may reach its Gather through a Reshape (the block-quantised embedding)
+    reshaped = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Reshape"}
+    gathers = [n for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")]
+    gathered = {reshaped.get(n.input[0], n.input[0]) for n in gathers}
+    gathered |= {n.input[2] for n in gathers if n.op_type == "GatherBlockQuantized" and len(n.input) > 2}
+    feeds = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.output[0] in {g.input[0] for g in gathers}}
+    streamed = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized")
+                and not (n.op_type == "Reshape" and n.output[0] in feeds) for i in n.input}
     skip = {"cos_cache", "sin_cache", "rope_cos", "rope_sin"}
     total = 0
     for init in model.graph.initializer:

@@ -34,11 +34,11 @@ def session(w: np.ndarray, block: int, *, threads: int = 2, nbits: bool = False,
         node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
                                 block_size=block, accuracy_level=4)
     else:
-        q, s, b = pack_int8_vnni(w, block)
+        q, s = pack_int8_vnni(w, block)
         if q_override is not None:
             q = q_override
-        inits = [numpy_helper.from_array(a, name) for a, name in ((q, "q"), (s, "s"), (b, "b"))]
-        node = helper.make_node("MatMulInt8Block", ["x", "q", "s", "b"], ["y"], domain=ortops.DOMAIN,
+        inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
+        node = helper.make_node("MatMulInt8Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN,
                                 K=k if k_attr is None else k_attr, N=n, block_size=block if block_attr is None else block_attr)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -166,16 +166,15 @@ def test_bad_inputs_raise_naming_the_op():
 
 def test_pack_layout():
     w = np.arange(40 * 18, dtype=np.float32).reshape(40, 18) - 300
-    q, s, b = pack_int8_vnni(w, 16)
-    assert q.shape == (2, 3, 4, 16, 4) and s.shape == (2, 3, 16) and b.shape == (2, 3, 16)
-    assert q.dtype == np.int8 and s.dtype == np.float32 and b.dtype == np.int32
+    q, s = pack_int8_vnni(w, 16)
+    assert q.shape == (2, 3, 4, 16, 4) and s.shape == (2, 3, 16)
+    assert q.dtype == np.uint8 and s.dtype == np.float32
     packed, scales = quantize_blockwise(w, 8, 16)
     # weight (k, n) -> group n // 16, block k // 16, run (k % 16) // 4, column n % 16, byte k % 4
     for k, n in [(0, 0), (5, 3), (39, 17), (17, 16)]:
-        assert q[n // 16, k // 16, (k % 16) // 4, n % 16, k % 4] == int(packed[n, k // 16, k % 16]) - 128
+        assert q[n // 16, k // 16, (k % 16) // 4, n % 16, k % 4] == packed[n, k // 16, k % 16]
         assert s[n // 16, k // 16, n % 16] == scales[n, k // 16]
-    assert (q[1, :, :, 2:] == 0).all() and (s[1, :, 2:] == 1).all()  # padded columns
-    assert (q[:, 2, 2:] == 0).all()  # padded rows (k >= 40) of the last block
-    np.testing.assert_array_equal(b, -128 * q.astype(np.int32).sum(axis=(2, 4)))
+    assert (q[1, :, :, 2:] == 128).all() and (s[1, :, 2:] == 1).all()  # padded columns: weight 0
+    assert (q[:, 2, 2:] == 128).all()  # padded rows (k >= 40) of the last block
     with pytest.raises(ValueError, match="block must be a positive multiple of 4"):
         pack_int8_vnni(w, 6)

@@ -7,16 +7,16 @@
 // each block's dot product is exact in int32:
 //   y[m, n] = sum_b xs[m, b] * ws[n, b] * sum_{k in b} xq[m, k] q[k, n].
 //
-// Weight layout (written by rag_engine/generator/quant.py pack_int8_vnni): columns in
-// groups of 16, N padded with zero columns to a multiple of 16 and K with zero rows to a
-// multiple of `block`:
-//   q      int8  [groups, blocks, block / 4, 16, 4]   (4 consecutive k of 16 columns: one
+// Weight layout (written by rag_engine/generator/quant.py pack_int8_vnni): the MatMulNBits
+// bytes (q + 128, uint8) with columns in groups of 16, N padded with zero columns to a
+// multiple of 16 and K with zero rows to a multiple of `block`:
+//   q      uint8 [groups, blocks, block / 4, 16, 4]   (4 consecutive k of 16 columns: one
 //                                                      512-bit VNNI operand)
 //   scales fp32  [groups, blocks, 16]
-//   bias   int32 [groups, blocks, 16] = -128 * sum_{k in block} q[k, n]
-// Activations are stored as uint8 xq + 128 (VPDPBUSD multiplies unsigned by signed bytes);
-// bias removes the +128 from each block's sum. A block of x holding NaN or +-Inf gets the
-// scale NaN, so every output of that row is NaN (never a finite value from garbage).
+// VPDPBUSD multiplies these unsigned bytes by the signed activation bytes, which sums
+// (q + 128) * xq; the 128 * sum(xq) it adds is taken back per (row, block), so the weights
+// need no per-column correction term. A block of x holding NaN or +-Inf gets the scale NaN,
+// so every output of that row is NaN (never a finite value from garbage).
 #pragma once
 
 #include <cstdint>
@@ -24,23 +24,23 @@
 namespace rag_engine::qgemm {
 
 struct Weights {
-  const int8_t* q;
+  const uint8_t* q;
   const float* scales;
-  const int32_t* bias;
   int64_t k, n, groups, blocks, block;
 };
 
-// Activations quantised for one call: xq [m, blocks * block] uint8 (zero-padded past k,
-// stored +128), xs [m, blocks].
+// Activations quantised for one call: xq [m, blocks * block] int8 (zero past k), xs and
+// xsum (the block's sum of xq) [m, blocks].
 struct Activations {
-  const uint8_t* xq;
-  const float* xs;
+  int8_t* xq;
+  float* xs;
+  int32_t* xsum;
   int64_t m;
 };
 
-// Quantises rows [m0, m1) of x [m, k]. Same bytes on every path.
-void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights& w, uint8_t* xq, float* xs);
-void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights& w, uint8_t* xq, float* xs);
+// Quantises rows [m0, m1) of x [m, k] into a. Same values on every path.
+void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights& w, const Activations& a);
+void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights& w, const Activations& a);
 
 // y[:, 16 * g0 : 16 * g1] for column groups [g0, g1), every row (y is [m, n], row-major;
 // columns past n are not written).

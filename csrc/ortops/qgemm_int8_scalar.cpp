@@ -9,7 +9,7 @@
 
 namespace rag_engine::qgemm {
 
-void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights& w, uint8_t* xq, float* xs) {
+void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights& w, const Activations& a) {
   const int64_t stride = w.blocks * w.block;
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * w.k;
@@ -23,13 +23,16 @@ void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights&
       }
       if (bad) amax = 0.f;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      xs[m * w.blocks + b] = bad ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
-      uint8_t* out = xq + m * stride + k0;
+      a.xs[m * w.blocks + b] = bad ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
+      int8_t* out = a.xq + m * stride + k0;
+      int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
-        const float q = bad ? 0.f : std::nearbyint(row[k] * inv);  // |q| <= 127: the largest lands on 127
-        out[k - k0] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
+        const int32_t q = bad ? 0 : static_cast<int32_t>(std::nearbyint(row[k] * inv));  // |q| <= 127
+        out[k - k0] = static_cast<int8_t>(q);
+        sum += q;
       }
-      for (int64_t k = k1; k < k0 + w.block; ++k) out[k - k0] = 128;  // zero padding
+      for (int64_t k = k1; k < k0 + w.block; ++k) out[k - k0] = 0;  // zero padding
+      a.xsum[m * w.blocks + b] = sum;
     }
   }
 }
@@ -42,12 +45,12 @@ void gemm_groups_scalar(const Weights& w, const Activations& a, int64_t g0, int6
       float acc[16] = {};
       for (int64_t b = 0; b < w.blocks; ++b) {
         const int64_t gb = g * w.blocks + b;
-        const int8_t* q = w.q + gb * w.block * 16;
-        const uint8_t* xq = a.xq + m * stride + b * w.block;
+        const uint8_t* q = w.q + gb * w.block * 16;
+        const int8_t* xq = a.xq + m * stride + b * w.block;
         const float xs = a.xs[m * w.blocks + b];
         for (int64_t c = 0; c < 16; ++c) {
-          int32_t dot = w.bias[gb * 16 + c];
-          for (int64_t k = 0; k < w.block; ++k) dot += int32_t{xq[k]} * int32_t{q[(k / 4) * 64 + c * 4 + k % 4]};
+          int32_t dot = -128 * a.xsum[m * w.blocks + b];
+          for (int64_t k = 0; k < w.block; ++k) dot += int32_t{q[(k / 4) * 64 + c * 4 + k % 4]} * int32_t{xq[k]};
           // fmadd(float(dot), ws * xs, acc) as the vector path computes it
           acc[c] = std::fma(static_cast<float>(dot), w.scales[gb * 16 + c] * xs, acc[c]);
         }

@@ -1,7 +1,7 @@
 // ONNX Runtime custom-op library: rag_engine's int8 block GEMM as the op
 // `ai.rag_engine::MatMulInt8Block` (CPU).
 //
-//   inputs:  A fp32 [..., K]; q int8, scales fp32, bias int32 in the layout of qgemm_int8.h
+//   inputs:  A fp32 [..., K]; q uint8 and scales fp32 in the layout of qgemm_int8.h
 //   outputs: Y fp32 [..., N]
 //   attributes: K, N, block_size
 //
@@ -115,8 +115,6 @@ struct Task {
   const qgemm::Weights* w;
   const qgemm::Activations* a;
   const float* x;
-  uint8_t* xq;
-  float* xs;
   float* y;
   int64_t rows_per_task;
   bool vnni;
@@ -137,9 +135,9 @@ void run_quantize_task(void* data, size_t index) {
   const int64_t m0 = static_cast<int64_t>(index) * t.rows_per_task;
   const int64_t m1 = std::min(t.a->m, m0 + t.rows_per_task);
   if (t.vnni)
-    qgemm::quantize_rows_avx512(t.x, m0, m1, *t.w, t.xq, t.xs);
+    qgemm::quantize_rows_avx512(t.x, m0, m1, *t.w, *t.a);
   else
-    qgemm::quantize_rows_scalar(t.x, m0, m1, *t.w, t.xq, t.xs);
+    qgemm::quantize_rows_scalar(t.x, m0, m1, *t.w, *t.a);
 }
 
 void parallel_for(ort::KernelContext* ctx, void (*fn)(void*, size_t), size_t total, Task* task) {
@@ -155,12 +153,11 @@ void compute(const Kernel& kern, ort::KernelContext* ctx) {
   if (type != ort::kFloat || a_dims.empty() || a_dims.back() != kern.k)
     throw OrtError{make_status(ort::kInvalidArgument, "A must be float32 [..., K=" + std::to_string(kern.k) +
                                                           "], got " + shape_str(a_dims))};
-  const int64_t expect[3] = {kern.groups * kern.blocks * kern.block * 16, kern.groups * kern.blocks * 16,
-                             kern.groups * kern.blocks * 16};
-  const int expect_type[3] = {ort::kInt8, ort::kFloat, ort::kInt32};
-  const char* names[3] = {"q", "scales", "bias"};
-  void* parts[3];
-  for (int i = 0; i < 3; ++i) {
+  const int64_t expect[2] = {kern.groups * kern.blocks * kern.block * 16, kern.groups * kern.blocks * 16};
+  const int expect_type[2] = {ort::kUint8, ort::kFloat};
+  const char* names[2] = {"q", "scales"};
+  void* parts[2];
+  for (int i = 0; i < 2; ++i) {
     const ort::Value* v = input(ctx, static_cast<size_t>(i + 1));
     std::vector<int64_t> d = dims_of(v, &type);
     if (type != expect_type[i] || numel(d) != expect[i])
@@ -177,15 +174,17 @@ void compute(const Kernel& kern, ort::KernelContext* ctx) {
   if (m == 0) return;
   float* y = static_cast<float*>(data_of(y_value));
 
-  const qgemm::Weights w{static_cast<const int8_t*>(parts[0]), static_cast<const float*>(parts[1]),
-                         static_cast<const int32_t*>(parts[2]), kern.k, kern.n, kern.groups, kern.blocks, kern.block};
+  const qgemm::Weights w{static_cast<const uint8_t*>(parts[0]), static_cast<const float*>(parts[1]), kern.k, kern.n,
+                         kern.groups, kern.blocks, kern.block};
   // Per calling thread: concurrent Run calls on one session each get their own buffers.
-  thread_local std::vector<uint8_t> xq_buf;
+  thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xs_buf;
+  thread_local std::vector<int32_t> xsum_buf;
   xq_buf.resize(static_cast<size_t>(m * kern.blocks * kern.block));
   xs_buf.resize(static_cast<size_t>(m * kern.blocks));
-  const qgemm::Activations a{xq_buf.data(), xs_buf.data(), m};
-  Task task{&w, &a, static_cast<const float*>(data_of(a_value)), xq_buf.data(), xs_buf.data(), y, 16, kern.vnni};
+  xsum_buf.resize(static_cast<size_t>(m * kern.blocks));
+  const qgemm::Activations a{xq_buf.data(), xs_buf.data(), xsum_buf.data(), m};
+  Task task{&w, &a, static_cast<const float*>(data_of(a_value)), y, 16, kern.vnni};
   parallel_for(ctx, run_quantize_task, static_cast<size_t>((m + task.rows_per_task - 1) / task.rows_per_task), &task);
   parallel_for(ctx, run_gemm_task, static_cast<size_t>((kern.groups + kGroupsPerTask - 1) / kGroupsPerTask), &task);
 }
@@ -236,8 +235,8 @@ Status* compute_kernel(void* kernel, ort::KernelContext* ctx) {
 void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 int input_type(const ort::CustomOp*, size_t index) {
-  static const int types[4] = {ort::kFloat, ort::kInt8, ort::kFloat, ort::kInt32};
-  return index < 4 ? types[index] : 0;
+  static const int types[3] = {ort::kFloat, ort::kUint8, ort::kFloat};
+  return index < 3 ? types[index] : 0;
 }
 
 ort::CustomOp make_op() {
@@ -246,7 +245,7 @@ ort::CustomOp make_op() {
   op.GetName = [](const ort::CustomOp*) { return kOpName; };
   op.GetExecutionProviderType = [](const ort::CustomOp*) { return "CPUExecutionProvider"; };
   op.GetInputType = input_type;
-  op.GetInputTypeCount = [](const ort::CustomOp*) -> size_t { return 4; };
+  op.GetInputTypeCount = [](const ort::CustomOp*) -> size_t { return 3; };
   op.GetOutputType = [](const ort::CustomOp*, size_t) { return static_cast<int>(ort::kFloat); };
   op.GetOutputTypeCount = [](const ort::CustomOp*) -> size_t { return 1; };
   op.KernelDestroy = destroy_kernel;

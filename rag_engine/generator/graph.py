@@ -50,8 +50,8 @@ class _Graph:
         if self.bits is None:
             return self.one("MatMul", [x, self.init(key, weight)])
         if self.int8_op:
-            q, scales, bias = pack_int8_vnni(weight, self.block)
-            names = [self.init(key + "_q8", q), self.init(key + "_s8", scales), self.init(key + "_b8", bias)]
+            q, scales = pack_int8_vnni(weight, self.block)
+            names = [self.init(key + "_q8", q), self.init(key + "_s8", scales)]
             k, n = weight.shape
             return self.one("MatMulInt8Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n, block_size=self.block)
         packed, scales = quantize_blockwise(weight, self.bits, self.block)

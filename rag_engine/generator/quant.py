@@ -48,27 +48,24 @@ def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: i
     return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :k].T)
 
 
-def pack_int8_vnni(w: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``w`` ``[K, N]`` fp32 -> (q int8, scales fp32, bias int32) for ``ai.rag_engine::MatMulInt8Block``.
+def pack_int8_vnni(w: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` ``[K, N]`` fp32 -> (q uint8, scales fp32) for ``ai.rag_engine::MatMulInt8Block``.
 
-    The same 8-bit values and scales as :func:`quantize_blockwise` (so the same weights as
-    MatMulNBits bits=8), laid out for VNNI (csrc/ortops/qgemm_int8.h): columns in groups of
-    16 (N padded with zero columns), each block's ``block`` rows as ``block/4`` runs of
-    4 consecutive k for 16 columns. q ``[groups, blocks, block/4, 16, 4]``, scales and bias
-    ``[groups, blocks, 16]``; bias = -128 * the block's sum of q (the op feeds activations
-    as unsigned bytes + 128).
+    The bytes and scales of :func:`quantize_blockwise` with 8 bits (so the same weights as
+    MatMulNBits), laid out for VNNI (csrc/ortops/qgemm_int8.h): columns in groups of 16
+    (N padded with zero columns), each block's ``block`` rows as ``block/4`` runs of 4
+    consecutive k for 16 columns. q ``[groups, blocks, block/4, 16, 4]`` (the value + 128),
+    scales ``[groups, blocks, 16]``.
     """
     if block < 4 or block % 4:
         raise ValueError(f"block must be a positive multiple of 4, got {block}")
     packed, scales = quantize_blockwise(w, 8, block)  # [N, nb, block] uint8 (+128), [N, nb]
     n, nb, _ = packed.shape
     groups = -(-n // 16)
-    q = np.zeros((groups * 16, nb, block), np.int8)
-    q[:n] = (packed.astype(np.int16) - 128).astype(np.int8)
+    q = np.full((groups * 16, nb, block), 128, np.uint8)
+    q[:n] = packed
     s = np.ones((groups * 16, nb), np.float32)
     s[:n] = scales
-    bias = (-128 * q.astype(np.int32).sum(axis=2)).astype(np.int32)  # [groups*16, nb]
     q = q.reshape(groups, 16, nb, block // 4, 4).transpose(0, 2, 3, 1, 4)
     s = s.reshape(groups, 16, nb).transpose(0, 2, 1)
-    bias = bias.reshape(groups, 16, nb).transpose(0, 2, 1)
-    return np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(bias)
+    return np.ascontiguousarray(q), np.ascontiguousarray(s)
