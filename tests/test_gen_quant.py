@@ -47,7 +47,10 @@ def test_quantised_logits_within_tolerance(family, precision, method, block, err
                           custom_ops=custom_ops)
     gen = Generator.from_hf(model, cache_dir=gen_quant_cache, export_config=config)
     ops = {node.op_type for node in onnx.load(gen.session.folder / "model.onnx", load_external_data=False).graph.node}
-    assert ("MatMulInt8Block" in ops) == bool(custom_ops) and ("MatMulNBits" in ops) == (method == "nbits" and not custom_ops)
+    int8_op = bool(gen.session.config.custom_ops) and precision == "int8" and method == "nbits"
+    assert ("MatMulInt8Block" in ops) == int8_op
+    assert ("MatMulNBits" in ops) == (method == "nbits" and not int8_op)
+    assert ("DecoderAttention" in ops) == gen.session.config.custom_ops != ("GroupQueryAttention" in ops)
     spec = gen.session.spec
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(prompts), 24)
     logits = prefill(gen.session, cache, prompts)
@@ -120,10 +123,10 @@ def test_smoothing_is_exact_in_fp32(tmp_path):
 
 
 def test_custom_ops_config_resolution(monkeypatch, tmp_path):
-    assert ExportConfig(precision="int8").custom_ops is ortops.available()
-    for kwargs in (dict(), dict(precision="int8", int8_method="dynamic"), dict(precision="int4")):
-        assert ExportConfig(custom_ops=True, **kwargs).custom_ops is False  # no 8-bit block GEMM to replace
-    assert ExportConfig(precision="int8", custom_ops=False).custom_ops is False
+    for kwargs in (dict(), dict(precision="int8"), dict(precision="int8", int8_method="dynamic"), dict(precision="int4")):
+        assert ExportConfig(**kwargs).custom_ops is ortops.available()
+        assert ExportConfig(custom_ops=True, **kwargs).custom_ops is True
+        assert ExportConfig(custom_ops=False, **kwargs).custom_ops is False
     for bad in ("yes", 1, 0.0):
         with pytest.raises(ValueError, match="custom_ops must be a bool or None"):
             ExportConfig(precision="int8", custom_ops=bad)

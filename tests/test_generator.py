@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from rag_engine.generator import ExportConfig, Generator, SamplingParams  # noqa: E402
+from rag_engine.generator import ExportConfig, Generator, SamplingParams, ortops  # noqa: E402
 from rag_engine.generator.kv_cache import KVCache  # noqa: E402
 from rag_engine.generator.loop import decode_one_token, prefill  # noqa: E402
 
@@ -55,10 +55,16 @@ def hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
+# rag_engine's own ops (DecoderAttention) and ONNX Runtime's (GroupQueryAttention)
+CUSTOM_OPS = [pytest.param(True, id="custom-ops", marks=pytest.mark.skipif(
+    ortops.library_path() is None, reason="rag_engine/_ortops.so is not built")), pytest.param(False, id="ort-ops")]
+
+
+@pytest.mark.parametrize("custom_ops", CUSTOM_OPS)
 @pytest.mark.parametrize(("family", "explicit"), [(f, False) for f in FAMILIES] + [("llama", True)])
-def test_prefill_and_cached_decode_logits_match_hf(family, explicit, gen_cache):
+def test_prefill_and_cached_decode_logits_match_hf(family, explicit, custom_ops, gen_cache):
     model = tiny_model(family)
-    config = ExportConfig(all_logits=True, explicit_rotary=explicit)
+    config = ExportConfig(all_logits=True, explicit_rotary=explicit, custom_ops=custom_ops)
     gen = Generator.from_hf(model, cache_dir=gen_cache, export_config=config)
     spec = gen.session.spec
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(RAGGED), 32)
@@ -101,10 +107,11 @@ def test_batch_prefill_in_runs_keeps_rows_and_outputs(gen_cache, piece, monkeypa
         assert out.metrics.prompt_tokens == len(prompt)
 
 
+@pytest.mark.parametrize("custom_ops", CUSTOM_OPS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_ids_match_hf_generate_on_ragged_batch(family, gen_cache):
+def test_greedy_ids_match_hf_generate_on_ragged_batch(family, custom_ops, gen_cache):
     model = tiny_model(family, seed=1)
-    gen = Generator.from_hf(model, cache_dir=gen_cache)
+    gen = Generator.from_hf(model, cache_dir=gen_cache, export_config=ExportConfig(custom_ops=custom_ops))
     new = 16
     outs = gen.generate(RAGGED, SamplingParams(max_tokens=new, temperature=0))
     width = max(map(len, RAGGED))

@@ -178,3 +178,221 @@ def test_pack_layout():
     assert (q[:, 2, 2:] == 128).all()  # padded rows (k >= 40) of the last block
     with pytest.raises(ValueError, match="block must be a positive multiple of 4"):
         pack_int8_vnni(w, 6)
+
+
+# ---- DecoderAttention --------------------------------------------------------------------
+
+
+def attention_session(heads: int, kv_heads: int, rotary: bool, *, op: str = "DecoderAttention", scale: float = 0.0,
+                      threads: int = 2):
+    names = ["qkv", "past_key", "past_value", "seqlens_k", "total"] + (["cos", "sin"] if rotary else [])
+    if op == "GroupQueryAttention":
+        node = helper.make_node(op, [names[0], "", "", *names[1:]], ["out", "present_key", "present_value"],
+                                domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, scale=scale,
+                                do_rotary=int(rotary), rotary_interleaved=0, local_window_size=-1)
+    else:
+        node = helper.make_node(op, names, ["out", "present_key", "present_value"], domain=ortops.DOMAIN,
+                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(rotary))
+    types = {"seqlens_k": TensorProto.INT32, "total": TensorProto.INT32}
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
+                                            for n in names],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("out", "present_key", "present_value")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(ortops.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    ortops.register(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def rotary_tables(positions: int, rot_half: int) -> tuple[np.ndarray, np.ndarray]:
+    inv = 1.0 / (10000 ** (np.arange(rot_half) / rot_half))
+    angles = np.arange(positions)[:, None] * inv[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def attention_reference(qkv, past_k, past_v, seqlens, total, heads, kv_heads, scale=0.0, cos=None, sin=None):
+    """float64: (out, present_key, present_value) with the op's semantics (attention.h)."""
+    qkv, past_k, past_v = (np.asarray(a, np.float64) for a in (qkv, past_k, past_v))
+    batch, seq, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    group = heads // kv_heads
+    cache_len = max(past_k.shape[2], int(total))
+    key = np.zeros((batch, kv_heads, cache_len, d))
+    value = np.zeros_like(key)
+    key[:, :, :past_k.shape[2]] = past_k
+    value[:, :, :past_v.shape[2]] = past_v
+    scale = scale or 1.0 / np.sqrt(d)
+    out = np.zeros((batch, seq, heads * d))
+
+    def rotate(x, pos):  # x [..., d]
+        if cos is None:
+            return x
+        half = cos.shape[1]
+        c, s = cos[pos].astype(np.float64), sin[pos].astype(np.float64)
+        y = x.copy()
+        y[..., :half] = x[..., :half] * c - x[..., half:2 * half] * s
+        y[..., half:2 * half] = x[..., half:2 * half] * c + x[..., :half] * s
+        return y
+
+    for b in range(batch):
+        length = int(seqlens[b]) + 1
+        start = max(0, length - seq)
+        valid = min(seq, length - start)
+        q = qkv[b, :, :heads * d].reshape(seq, heads, d)
+        k = qkv[b, :, heads * d:(heads + kv_heads) * d].reshape(seq, kv_heads, d)
+        v = qkv[b, :, (heads + kv_heads) * d:].reshape(seq, kv_heads, d)
+        for s in range(valid):
+            key[b, :, start + s] = rotate(k[s], start + s)
+            value[b, :, start + s] = v[s]
+        for s in range(valid):
+            pos = start + s
+            for h in range(heads):
+                qh = rotate(q[s, h], pos) * scale
+                scores = key[b, h // group, :pos + 1] @ qh
+                p = np.exp(scores - scores.max())
+                out[b, s, h * d:(h + 1) * d] = (p / p.sum()) @ value[b, h // group, :pos + 1]
+    return out, key, value
+
+
+def attention_feeds(rng, batch, seq, heads, kv_heads, d, past, lengths, rot_half):
+    feeds = {"qkv": rng.standard_normal((batch, seq, (heads + 2 * kv_heads) * d)).astype(np.float32),
+             "past_key": rng.standard_normal((batch, kv_heads, past, d)).astype(np.float32),
+             "past_value": rng.standard_normal((batch, kv_heads, past, d)).astype(np.float32),
+             "seqlens_k": (np.asarray(lengths) - 1).astype(np.int32),
+             "total": np.array(max(past, max(lengths)), np.int32)}
+    if rot_half:
+        feeds["cos"], feeds["sin"] = rotary_tables(max(past, max(lengths)) + 4, rot_half)
+    return feeds
+
+
+def check_attention(sess, feeds, heads, kv_heads, scale=0.0):
+    out, pk, pv = sess.run(None, feeds)
+    ref_out, ref_k, ref_v = attention_reference(feeds["qkv"], feeds["past_key"], feeds["past_value"],
+                                                feeds["seqlens_k"], feeds["total"], heads, kv_heads, scale,
+                                                feeds.get("cos"), feeds.get("sin"))
+    seq = feeds["qkv"].shape[1]
+    for b, length in enumerate(feeds["seqlens_k"] + 1):
+        start = max(0, length - seq)
+        valid = min(seq, length - start)
+        # fp32 dot products over head_dim and sums over <= 200 keys of values ~N(0, 1)
+        np.testing.assert_allclose(out[b, :valid], ref_out[b, :valid], rtol=1e-4, atol=2e-5)
+        assert (out[b, valid:] == 0).all()  # right padding of a first prompt
+        np.testing.assert_allclose(pk[b, :, :length], ref_k[b, :, :length], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(pv[b, :, :length], ref_v[b, :, :length].astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "rot_half"),
+                         [(9, 3, 64, 32), (4, 4, 16, 8), (8, 2, 128, 64), (6, 3, 24, 12), (4, 1, 32, 8),
+                          (2, 2, 64, 0), (16, 2, 64, 32)])
+def test_attention_matches_reference(isa, heads, kv_heads, d, rot_half):
+    rng = np.random.default_rng(heads * 100 + d)
+    sess = attention_session(heads, kv_heads, rot_half > 0)
+    # a first prompt, right-padded (rows of 7, 4 and 1 tokens); decode steps; a chunked prefill
+    # of 40 tokens after 25 cached ones (more than one task's worth of tokens)
+    check_attention(sess, attention_feeds(rng, 3, 7, heads, kv_heads, d, 12, [7, 4, 1], rot_half), heads, kv_heads)
+    check_attention(sess, attention_feeds(rng, 3, 1, heads, kv_heads, d, 12, [8, 5, 12], rot_half), heads, kv_heads)
+    check_attention(sess, attention_feeds(rng, 1, 40, heads, kv_heads, d, 80, [65], rot_half), heads, kv_heads)
+    check_attention(sess, attention_feeds(rng, 2, 33, heads, kv_heads, d, 33, [33, 20], rot_half), heads, kv_heads)
+
+
+def test_attention_explicit_scale_and_growing_present():
+    """scale != 0 is used as given; with a past shorter than total_sequence_length the present is
+    longer (a copy of the past plus the new positions)."""
+    rng = np.random.default_rng(3)
+    sess = attention_session(4, 2, True, scale=0.3)
+    feeds = attention_feeds(rng, 2, 3, 4, 2, 32, 5, [8, 6], 16)
+    out, pk, _ = sess.run(None, feeds)
+    assert pk.shape == (2, 2, 8, 32)
+    for b, start in enumerate((5, 3)):  # rows of 8 and 6 tokens: the 3 new ones start there
+        np.testing.assert_array_equal(pk[b, :, :start], feeds["past_key"][b, :, :start])
+    check_attention(sess, feeds, 4, 2, scale=0.3)
+
+
+def test_attention_matches_group_query_attention_in_place():
+    """Against ONNX Runtime's GroupQueryAttention through the generator's binding: past and present
+    bound to one buffer, a ragged prefill then decode steps."""
+    rng = np.random.default_rng(4)
+    heads, kv_heads, d, cache = 9, 3, 64, 48
+    cos, sin = rotary_tables(cache, d // 2)
+    sessions = {op: attention_session(heads, kv_heads, True, op=op) for op in ("DecoderAttention", "GroupQueryAttention")}
+    caches = {op: [np.zeros((3, kv_heads, cache, d), np.float32) for _ in range(2)] for op in sessions}
+    lengths = np.array([7, 4, 1])
+    for step in range(6):
+        seq = 7 if step == 0 else 1
+        lengths = lengths + (step > 0)
+        feeds = {"qkv": rng.standard_normal((3, seq, (heads + 2 * kv_heads) * d)).astype(np.float32),
+                 "seqlens_k": (lengths - 1).astype(np.int32), "cos": cos, "sin": sin,
+                 # as the generator feeds it: the mask's width (the prompt at prefill, the cache after)
+                 "total": np.array(seq if step == 0 else cache, np.int32)}
+        outs = {}
+        for op, sess in sessions.items():
+            io = sess.io_binding()
+            for name, present, buf in (("past_key", "present_key", caches[op][0]), ("past_value", "present_value", caches[op][1])):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(present, value)
+            for name, array in feeds.items():
+                io.bind_cpu_input(name, array)
+            io.bind_output("out")
+            sess.run_with_iobinding(io)
+            outs[op] = io.copy_outputs_to_cpu()[-1]  # "out" was bound last
+        rows = [np.arange(seq) < (lengths[b] if step == 0 else 1) for b in range(3)]
+        for b in range(3):
+            np.testing.assert_allclose(outs["DecoderAttention"][b, rows[b]], outs["GroupQueryAttention"][b, rows[b]],
+                                       rtol=1e-5, atol=2e-6)
+            np.testing.assert_allclose(caches["DecoderAttention"][0][b, :, :lengths[b]],
+                                       caches["GroupQueryAttention"][0][b, :, :lengths[b]], rtol=1e-6, atol=1e-6)
+
+
+def test_attention_paths_and_threads_agree(monkeypatch):
+    rng = np.random.default_rng(5)
+    feeds = attention_feeds(rng, 3, 20, 9, 3, 64, 30, [25, 20, 9], 32)
+    outs = []
+    for path in PATHS:
+        monkeypatch.setenv("RAG_ENGINE_ISA", path)
+        for threads in (1, 3):
+            outs.append(attention_session(9, 3, True, threads=threads).run(None, feeds)[0])
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_bad_inputs():
+    rng = np.random.default_rng(6)
+    sess = attention_session(4, 2, True)
+    good = attention_feeds(rng, 2, 1, 4, 2, 16, 10, [5, 6], 8)
+    cases = [
+        (dict(qkv=good["qkv"][0]), r"qkv must be float32 \[batch, seq, \(num_heads \+ 2 kv_num_heads\) \* head_dim\], got \[1, 128\]"),
+        (dict(qkv=good["qkv"][..., :-1].copy()), r"qkv's last dimension must be \(num_heads \+ 2 kv_num_heads\) \* head_dim = 8"),
+        (dict(past_key=good["past_key"][:, :1].copy()), r"past_key/past_value must be float32 \[batch=2, kv_num_heads=2, past, head_dim=16\]"),
+        (dict(seqlens_k=np.array([5, 10], np.int32)), r"seqlens_k\[1\] = 10 is outside \[0, 10\)"),
+        (dict(seqlens_k=np.array([-1, 2], np.int32)), r"seqlens_k\[0\] = -1 is outside"),
+        (dict(seqlens_k=np.array([1], np.int32)), r"seqlens_k must be int32 \[batch=2\], got \[1\]"),
+        (dict(cos=good["cos"][:3].copy(), sin=good["sin"][:3].copy()), r"position 4 is past the rotary cache.s 3 positions"),
+        (dict(cos=good["cos"][:, :3].copy()), r"cos_cache and sin_cache must be float32"),
+    ]
+    for change, message in cases:
+        with pytest.raises(Exception, match="DecoderAttention: " + message):
+            sess.run(None, {**good, **change})
+    with pytest.raises(Exception, match="DecoderAttention: do_rotary=1 needs cos_cache and sin_cache"):
+        _rotary_without_tables()
+    with pytest.raises(Exception, match="num_heads >= 1 a multiple of kv_num_heads"):
+        attention_session(5, 2, True)
+
+
+def _rotary_without_tables():
+    """A do_rotary=1 node whose optional cos/sin inputs are left out."""
+    node = helper.make_node("DecoderAttention", ["qkv", "pk", "pv", "sl", "t"], ["o", "k", "v"], domain=ortops.DOMAIN,
+                            num_heads=2, kv_num_heads=1, scale=0.0, do_rotary=1)
+    types = {"sl": TensorProto.INT32, "t": TensorProto.INT32}
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
+                                            for n in ("qkv", "pk", "pv", "sl", "t")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "k", "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ortops.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    ortops.register(options)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess.run(None, {"qkv": np.ones((1, 1, 64), np.float32), "pk": np.zeros((1, 1, 4, 16), np.float32),
+                    "pv": np.zeros((1, 1, 4, 16), np.float32), "sl": np.array([0], np.int32), "t": np.array(4, np.int32)})

@@ -50,11 +50,12 @@ class ExportConfig:
     explicit_rotary: Llama-family graphs honour arbitrary ``position_ids`` through RotaryEmbedding
     nodes; by default the rotary embedding is fused into GroupQueryAttention, which places each
     token at its cache slot (what the runtime always feeds) and ignores ``position_ids``.
-    custom_ops: compute the 8-bit block-quantised weight GEMMs (``int8``, ``int8_method="nbits"``)
-    with rag_engine's own ONNX Runtime op (``ortops.py``: the same weights, faster on AVX-512
-    VNNI) instead of MatMulNBits. None: when the op library is built and the CPU has AVX-512
-    VNNI; True: whenever it applies (the library must be built); False: only ONNX Runtime's
-    own ops (a portable export). Resolved on construction; False where no such GEMM exists.
+    custom_ops: use rag_engine's own ONNX Runtime ops (``ortops.py``, csrc/ortops) where they
+    apply: DecoderAttention instead of GroupQueryAttention (packed QKV: not with explicit_rotary
+    or a sliding window) and, for ``int8`` with ``int8_method="nbits"``, MatMulInt8Block instead
+    of MatMulNBits (the same weights). None: when the op library is built and the CPU has
+    AVX-512 VNNI; True: the library must be built; False: only ONNX Runtime's own ops (a
+    portable export). Resolved on construction.
     """
 
     precision: str = "fp32"
@@ -82,8 +83,7 @@ class ExportConfig:
             raise ValueError(f"block_size must be a power of two >= 16 or None, got {self.block_size!r}")
         if self.custom_ops is not None and type(self.custom_ops) is not bool:
             raise ValueError(f"custom_ops must be a bool or None, got {self.custom_ops!r}")
-        applies = self.bits == 8
-        resolved = applies and (ortops.available() if self.custom_ops is None else self.custom_ops)
+        resolved = ortops.available() if self.custom_ops is None else self.custom_ops
         object.__setattr__(self, "custom_ops", resolved)
 
     @property
@@ -238,7 +238,7 @@ def _graph_options(config: ExportConfig) -> dict:
     """The options that shape the exported graph (an fp32 graph ignores the quantisation ones)."""
     opts = dataclasses.asdict(config)
     if config.precision == "fp32":
-        for name in ("block_size", "accuracy_level", "int8_method", "custom_ops"):
+        for name in ("block_size", "accuracy_level", "int8_method"):
             opts.pop(name)
     return opts
 

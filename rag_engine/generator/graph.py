@@ -41,7 +41,9 @@ class _Graph:
         self._count = 0
         self._consts: set[str] = set()
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.custom_ops = custom_ops  # DecoderAttention instead of GroupQueryAttention where it applies
         self.int8_op = custom_ops and bits == 8  # MatMulInt8Block instead of MatMulNBits
+        self.domains: set[str] = set()
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
 
     def matmul(self, x: str, w: dict, key: str) -> str:
@@ -53,6 +55,7 @@ class _Graph:
             q, scales = pack_int8_vnni(weight, self.block)
             names = [self.init(key + "_q8", q), self.init(key + "_s8", scales)]
             k, n = weight.shape
+            self.domains.add(RAG_DOMAIN)
             return self.one("MatMulInt8Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n, block_size=self.block)
         packed, scales = quantize_blockwise(weight, self.bits, self.block)
         names = (self.init(key + "_q", packed), self.init(key + "_scales", scales))
@@ -129,10 +132,21 @@ def _attention(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str, mask: tupl
         qkv_in, rope = [q, k, v], False
     else:
         qkv_in = [qkv, "", ""]
+    out = f"/attn_{i}/out"
+    if g.custom_ops and qkv_in[1] == "" and spec.sliding_window < 0:
+        # rag_engine's op: the same inputs and in-place cache as GroupQueryAttention's packed form
+        g.domains.add(RAG_DOMAIN)
+        inputs = [qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+        if rope:
+            inputs += ["rope_cos", "rope_sin"]
+        g.nodes.append(helper.make_node(
+            "DecoderAttention", inputs, [out, f"present.{i}.key", f"present.{i}.value"], name=f"/attn_{i}",
+            domain=RAG_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale,
+            do_rotary=int(rope)))
+        return g.matmul(out, w, p + "o")
     inputs = [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
     if rope:
         inputs += ["rope_cos", "rope_sin"]
-    out = f"/attn_{i}/out"
     g.nodes.append(helper.make_node(
         "GroupQueryAttention", inputs, [out, f"present.{i}.key", f"present.{i}.value"],
         name=f"/attn_{i}", domain=MS, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
@@ -181,8 +195,9 @@ def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool
 
     ``bits`` = 4 or 8 quantises every MatMul weight (and the embedding table) blockwise into
     MatMulNBits / GatherBlockQuantized; ``accuracy_level`` 4 lets ONNX Runtime compute them with
-    int8 activations (VNNI), as onnxruntime-genai does. ``custom_ops`` (8 bits): the weight GEMMs
-    are ``ai.rag_engine::MatMulInt8Block`` (csrc/ortops) over the same quantised weights.
+    int8 activations (VNNI), as onnxruntime-genai does. ``custom_ops``: rag_engine's own ops
+    (csrc/ortops) where they apply: ``ai.rag_engine::DecoderAttention`` for the attention (packed
+    QKV, no sliding window) and, at 8 bits, ``MatMulInt8Block`` over the same quantised weights.
     """
     g = _Graph(bits, block, accuracy_level, custom_ops)
     seqlens, total, last = _mask_inputs(g, inputs_embeds)
@@ -277,6 +292,5 @@ def _model(g: _Graph, spec: DecoderSpec, inputs_embeds: bool) -> onnx.ModelProto
                                                          ["batch", kv[0], "present", kv[1]]))
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
-    if g.int8_op:
-        opsets.append(helper.make_opsetid(RAG_DOMAIN, 1))
+    opsets += [helper.make_opsetid(domain, 1) for domain in sorted(g.domains)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="rag-engine")

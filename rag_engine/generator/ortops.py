@@ -2,8 +2,10 @@
 
 ``ai.rag_engine::MatMulInt8Block``: the 8-bit block-quantised weight GEMM of int8 exports
 (the same weights and activation quantisation as MatMulNBits bits=8 with accuracy_level 4,
-computed by an AVX-512 VNNI kernel; a portable path runs on other CPUs). Sessions over a
-graph that uses it load the library with ``register``.
+computed by an AVX-512 VNNI kernel). ``ai.rag_engine::DecoderAttention``: grouped-query
+attention over the in-place KV cache, in place of GroupQueryAttention (same inputs, packed
+QKV, rotary inside). Both have a portable path for other CPUs. Sessions over a graph that
+uses them load the library with ``register``.
 """
 
 from __future__ import annotations
