@@ -40,8 +40,13 @@ def session(w: np.ndarray, block: int, *, threads: int = 2, nbits: bool = False,
         inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
         node = helper.make_node("MatMulInt8Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN,
                                 K=k if k_attr is None else k_attr, N=n, block_size=block if block_attr is None else block_attr)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return one_node_session(node, {"x": TensorProto.FLOAT}, ["y"], inits, threads)
+
+
+def one_node_session(node, inputs: dict, outputs: list[str], inits=(), threads: int = 2):
+    """A session over one node (inputs: name -> element type; fp32 outputs) with our ops loaded."""
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, None) for n, t in inputs.items()],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], list(inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(ortops.DOMAIN, 1)])
     options = ort.SessionOptions()
@@ -194,16 +199,8 @@ def attention_session(heads: int, kv_heads: int, rotary: bool, *, op: str = "Dec
         node = helper.make_node(op, names, ["out", "present_key", "present_value"], domain=ortops.DOMAIN,
                                 num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(rotary))
     types = {"seqlens_k": TensorProto.INT32, "total": TensorProto.INT32}
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
-                                            for n in names],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                               for n in ("out", "present_key", "present_value")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                                    helper.make_opsetid(ortops.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    ortops.register(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return one_node_session(node, {n: types.get(n, TensorProto.FLOAT) for n in names},
+                            ["out", "present_key", "present_value"], threads=threads)
 
 
 def rotary_tables(positions: int, rot_half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,13 +383,7 @@ def _rotary_without_tables():
     """A do_rotary=1 node whose optional cos/sin inputs are left out."""
     node = helper.make_node("DecoderAttention", ["qkv", "pk", "pv", "sl", "t"], ["o", "k", "v"], domain=ortops.DOMAIN,
                             num_heads=2, kv_num_heads=1, scale=0.0, do_rotary=1)
-    types = {"sl": TensorProto.INT32, "t": TensorProto.INT32}
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
-                                            for n in ("qkv", "pk", "pv", "sl", "t")],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "k", "v")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ortops.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    ortops.register(options)
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    sess = one_node_session(node, {"qkv": f, "pk": f, "pv": f, "sl": i32, "t": i32}, ["o", "k", "v"])
     sess.run(None, {"qkv": np.ones((1, 1, 64), np.float32), "pk": np.zeros((1, 1, 4, 16), np.float32),
                     "pv": np.zeros((1, 1, 4, 16), np.float32), "sl": np.array([0], np.int32), "t": np.array(4, np.int32)})
