@@ -78,7 +78,9 @@ class CMakeBuild(build_ext):
 setup(
     # rag_engine.kernels (Triton) lives in kernels/ (package-dir in pyproject.toml)
     packages=[*find_packages(include=["rag_engine*"]), "rag_engine.kernels"],
-    ext_modules=[CMakeExtension("rag_engine._C")]
+    # rag_engine._ortops is the ONNX Runtime op library (a plain shared library, named like an
+    # extension so that setuptools copies it next to _C, editable installs included)
+    ext_modules=[CMakeExtension("rag_engine._C"), CMakeExtension("rag_engine._ortops")]
     + ([CMakeExtension("rag_engine._C_cuda")] if BUILD_CUDA else []),
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -22,10 +22,8 @@ from rag_engine.generator.kv_cache import KVCache  # noqa: E402
 from rag_engine.generator.loop import prefill  # noqa: E402
 from rag_engine.generator.quant import dequantize_blockwise, quantize_blockwise  # noqa: E402
 
-needs_ortops = pytest.mark.skipif(ortops.library_path() is None, reason="rag_engine/_ortops.so is not built")
 CASES = [("int8", "nbits", None, 0.15, 0.95, False), ("int8", "nbits", 32, 0.15, 0.95, False),
-         pytest.param("int8", "nbits", None, 0.15, 0.95, True, marks=needs_ortops),
-         pytest.param("int8", "nbits", 32, 0.15, 0.95, True, marks=needs_ortops),
+         ("int8", "nbits", None, 0.15, 0.95, True), ("int8", "nbits", 32, 0.15, 0.95, True),
          ("int8", "dynamic", None, 0.15, 0.95, None), ("int4", "nbits", None, 1.5, 0.60, None)]
 
 
@@ -138,7 +136,6 @@ def test_custom_ops_config_resolution(monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@needs_ortops
 def test_custom_ops_export_needs_the_library_to_load(monkeypatch, gen_quant_cache):
     """An export that uses MatMulInt8Block names the missing library instead of an unknown-op error;
     manifests written before the field existed read as custom_ops=False."""

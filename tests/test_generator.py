@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from rag_engine.generator import ExportConfig, Generator, SamplingParams, ortops  # noqa: E402
+from rag_engine.generator import ExportConfig, Generator, SamplingParams  # noqa: E402
 from rag_engine.generator.kv_cache import KVCache  # noqa: E402
 from rag_engine.generator.loop import decode_one_token, prefill  # noqa: E402
 
@@ -56,8 +56,7 @@ def hf_logits(model, ids):
 
 
 # rag_engine's own ops (DecoderAttention) and ONNX Runtime's (GroupQueryAttention)
-CUSTOM_OPS = [pytest.param(True, id="custom-ops", marks=pytest.mark.skipif(
-    ortops.library_path() is None, reason="rag_engine/_ortops.so is not built")), pytest.param(False, id="ort-ops")]
+CUSTOM_OPS = [pytest.param(True, id="custom-ops"), pytest.param(False, id="ort-ops")]
 
 
 @pytest.mark.parametrize("custom_ops", CUSTOM_OPS)

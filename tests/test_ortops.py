@@ -20,7 +20,12 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from rag_engine.generator import ortops  # noqa: E402
 from rag_engine.generator.quant import dequantize_blockwise, pack_int8_vnni, quantize_blockwise  # noqa: E402
 
-pytestmark = pytest.mark.skipif(ortops.library_path() is None, reason="rag_engine/_ortops.so is not built")
+
+def test_library_is_built():
+    """The package build (CMake through setup.py) always produces the op library next to _C."""
+    assert ortops.library_path() is not None, f"{ortops.LIBRARY} is missing: rebuild with pip install -e ."
+
+
 PATHS = ["avx512"] if ortops.cpu_has_vnni() else []
 PATHS.append("scalar")
 
@@ -387,3 +392,49 @@ def _rotary_without_tables():
     sess = one_node_session(node, {"qkv": f, "pk": f, "pv": f, "sl": i32, "t": i32}, ["o", "k", "v"])
     sess.run(None, {"qkv": np.ones((1, 1, 64), np.float32), "pk": np.zeros((1, 1, 4, 16), np.float32),
                     "pv": np.zeros((1, 1, 4, 16), np.float32), "sl": np.array([0], np.int32), "t": np.array(4, np.int32)})
+
+
+# ---- MatMulF32Panels ---------------------------------------------------------------------
+
+
+def f32_session(w: np.ndarray, threads: int = 2, w_override: np.ndarray | None = None):
+    from rag_engine.generator.quant import pack_f32_panels
+
+    k, n = w.shape
+    packed = pack_f32_panels(w) if w_override is None else w_override
+    node = helper.make_node("MatMulF32Panels", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=k, N=n)
+    return one_node_session(node, {"x": TensorProto.FLOAT}, ["y"], [numpy_helper.from_array(packed, "w")], threads)
+
+
+@pytest.mark.parametrize(("k", "n"), [(576, 960), (37, 23), (64, 33), (1536, 576), (5, 100), (1, 1)])
+def test_f32_panels_match_reference(isa, k, n):
+    """fp32 accumulation over K in order: |err| <= K * 2^-24 * sum |x_k w_k| (x4 slack)."""
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    sess = f32_session(w)
+    for shape in [(1, k), (3, k), (8, k), (9, k), (2, 5, k), (17, k)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = run(sess, x)
+        ref = x.astype(np.float64) @ w
+        bound = 4 * k * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w)) + 1e-6
+        assert y.shape == (*shape[:-1], n) and np.all(np.abs(y - ref) <= bound), (shape, np.abs(y - ref).max())
+
+
+def test_f32_panels_paths_and_threads_agree_bitwise(monkeypatch):
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((300, 70)).astype(np.float32)
+    x = rng.standard_normal((11, 300)).astype(np.float32)
+    outs = []
+    for path in PATHS:
+        monkeypatch.setenv("RAG_ENGINE_ISA", path)
+        outs += [run(f32_session(w, threads), x) for threads in (1, 3)]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0])
+
+
+def test_f32_panels_bad_inputs():
+    w = np.ones((64, 40), np.float32)
+    with pytest.raises(Exception, match=r"MatMulF32Panels: A must be float32 \[\.\.\., K=64\], got \[2, 63\]"):
+        run(f32_session(w), np.ones((2, 63), np.float32))
+    with pytest.raises(Exception, match=r"MatMulF32Panels: W must hold 4096 floats"):
+        run(f32_session(w, w_override=np.ones((64, 40), np.float32)), np.ones((1, 64), np.float32))

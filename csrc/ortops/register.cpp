@@ -1,4 +1,4 @@
-// ONNX Runtime custom-op library (rag_engine/_ortops.so): registers rag_engine's ops in the
+// ONNX Runtime custom-op library (rag_engine/_ortops*.so): registers rag_engine's ops in the
 // domain `ai.rag_engine`. Loaded with SessionOptions.register_custom_ops_library(path);
 // ONNX Runtime calls RegisterCustomOps with its API base.
 #include "ort_kernel.h"
@@ -10,13 +10,17 @@ ort::CustomOp make_matmul_int8_block_op();
 namespace attention {
 ort::CustomOp make_decoder_attention_op();
 }
+namespace gemm_f32 {
+ort::CustomOp make_matmul_f32_panels_op();
+}
 }  // namespace rag_engine
 
 namespace {
 
 using namespace rag_engine;
 
-const ort::CustomOp g_ops[] = {qgemm::make_matmul_int8_block_op(), attention::make_decoder_attention_op()};
+const ort::CustomOp g_ops[] = {qgemm::make_matmul_int8_block_op(), attention::make_decoder_attention_op(),
+                               gemm_f32::make_matmul_f32_panels_op()};
 
 }  // namespace
 

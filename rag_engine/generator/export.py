@@ -52,8 +52,9 @@ class ExportConfig:
     token at its cache slot (what the runtime always feeds) and ignores ``position_ids``.
     custom_ops: use rag_engine's own ONNX Runtime ops (``ortops.py``, csrc/ortops) where they
     apply: DecoderAttention instead of GroupQueryAttention (packed QKV: not with explicit_rotary
-    or a sliding window) and, for ``int8`` with ``int8_method="nbits"``, MatMulInt8Block instead
-    of MatMulNBits (the same weights). None: when the op library is built and the CPU has
+    or a sliding window); for ``int8`` with ``int8_method="nbits"``, MatMulInt8Block instead
+    of MatMulNBits (the same weights); for ``fp32``, MatMulF32Panels instead of the layers'
+    MatMuls. None: when the op library is built and the CPU has
     AVX-512 VNNI; True: the library must be built; False: only ONNX Runtime's own ops (a
     portable export). Resolved on construction.
     """
@@ -128,7 +129,8 @@ def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = Expor
     bar.set_postfix_str(steps[1])
     proto = build_graph(spec, weights, all_logits=config.all_logits, inputs_embeds=config.inputs_embeds,
                         bits=config.bits, block=config.block, accuracy_level=config.accuracy_level,
-                        explicit_rotary=config.explicit_rotary, custom_ops=config.custom_ops)
+                        explicit_rotary=config.explicit_rotary, custom_ops=config.custom_ops,
+                        f32_op=config.precision == "fp32")  # (quantize_dynamic rewrites fp32 MatMuls)
     del weights
     bar.update()
     bar.set_postfix_str(steps[2])

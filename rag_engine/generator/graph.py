@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rag_engine.generator.ortops import DOMAIN as RAG_DOMAIN
-from rag_engine.generator.quant import pack_int8_vnni, quantize_blockwise
+from rag_engine.generator.quant import pack_f32_panels, pack_int8_vnni, quantize_blockwise
 from rag_engine.generator.spec import DecoderSpec
 
 MS = "com.microsoft"
@@ -35,7 +35,7 @@ class _Graph:
     """Minimal node/initializer accumulator with unique names."""
 
     def __init__(self, bits: int | None = None, block: int = 32, accuracy_level: int = 4,
-                 custom_ops: bool = False) -> None:
+                 custom_ops: bool = False, f32_op: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
@@ -43,12 +43,18 @@ class _Graph:
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.custom_ops = custom_ops  # DecoderAttention instead of GroupQueryAttention where it applies
         self.int8_op = custom_ops and bits == 8  # MatMulInt8Block instead of MatMulNBits
+        self.f32_op = f32_op and bits is None  # MatMulF32Panels instead of MatMul
         self.domains: set[str] = set()
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
 
     def matmul(self, x: str, w: dict, key: str) -> str:
         """``x @ w[key]`` — fp32 MatMul, or MatMulNBits / MatMulInt8Block when the graph is weight-quantised."""
         weight = w[key]
+        if self.f32_op:
+            self.domains.add(RAG_DOMAIN)
+            k, n = weight.shape
+            return self.one("MatMulF32Panels", [x, self.init(key + "_panels", pack_f32_panels(weight))],
+                            domain=RAG_DOMAIN, K=k, N=n)
         if self.bits is None:
             return self.one("MatMul", [x, self.init(key, weight)])
         if self.int8_op:
@@ -190,7 +196,7 @@ def _norm(g: _Graph, spec: DecoderSpec, w: dict, x: str, key: str, skip: str | N
 def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool = False,
                 inputs_embeds: bool = False, bits: int | None = None, block: int = 32,
                 accuracy_level: int = 4, explicit_rotary: bool = False,
-                custom_ops: bool = False) -> onnx.ModelProto:
+                custom_ops: bool = False, f32_op: bool = False) -> onnx.ModelProto:
     """Return the decoder ``ModelProto`` for ``spec`` with fp32 weights ``w`` (see module doc).
 
     ``bits`` = 4 or 8 quantises every MatMul weight (and the embedding table) blockwise into
@@ -198,8 +204,10 @@ def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool
     int8 activations (VNNI), as onnxruntime-genai does. ``custom_ops``: rag_engine's own ops
     (csrc/ortops) where they apply: ``ai.rag_engine::DecoderAttention`` for the attention (packed
     QKV, no sliding window) and, at 8 bits, ``MatMulInt8Block`` over the same quantised weights.
+    ``f32_op`` (an fp32 graph whose MatMuls no later pass rewrites): the layers' fp32 weight
+    GEMMs are ``ai.rag_engine::MatMulF32Panels`` (the lm_head stays a Gemm/MatMul).
     """
-    g = _Graph(bits, block, accuracy_level, custom_ops)
+    g = _Graph(bits, block, accuracy_level, custom_ops, f32_op and custom_ops)
     seqlens, total, last = _mask_inputs(g, inputs_embeds)
     tied = np.array_equal(w["embed"], w["lm_head"].T)
     x = "inputs_embeds" if inputs_embeds else _embed(g, spec, w, tied)

@@ -1,20 +1,24 @@
-"""rag_engine's own ONNX Runtime ops (``rag_engine/_ortops.so``, built from csrc/ortops).
+"""rag_engine's own ONNX Runtime ops (``rag_engine/_ortops*.so``, built from csrc/ortops).
 
 ``ai.rag_engine::MatMulInt8Block``: the 8-bit block-quantised weight GEMM of int8 exports
 (the same weights and activation quantisation as MatMulNBits bits=8 with accuracy_level 4,
 computed by an AVX-512 VNNI kernel). ``ai.rag_engine::DecoderAttention``: grouped-query
 attention over the in-place KV cache, in place of GroupQueryAttention (same inputs, packed
-QKV, rotary inside). Both have a portable path for other CPUs. Sessions over a graph that
+QKV, rotary inside). ``ai.rag_engine::MatMulF32Panels``: the fp32 weight GEMM of fp32
+exports, weights in 32-column panels streamed once per step for up to 8 rows. Each has a
+portable path for other CPUs. Sessions over a graph that
 uses them load the library with ``register``.
 """
 
 from __future__ import annotations
 
 import functools
+import sysconfig
 from pathlib import Path
 
 DOMAIN = "ai.rag_engine"
-LIBRARY = Path(__file__).resolve().parent.parent / "_ortops.so"
+# built by CMake next to rag_engine._C, named like an extension module (see setup.py)
+LIBRARY = Path(__file__).resolve().parent.parent / f"_ortops{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
 def library_path() -> Path | None:

@@ -69,3 +69,13 @@ def pack_int8_vnni(w: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarr
     q = q.reshape(groups, 16, nb, block // 4, 4).transpose(0, 2, 3, 1, 4)
     s = s.reshape(groups, 16, nb).transpose(0, 2, 1)
     return np.ascontiguousarray(q), np.ascontiguousarray(s)
+
+
+def pack_f32_panels(w: np.ndarray, panel: int = 32) -> np.ndarray:
+    """``w`` ``[K, N]`` fp32 -> ``[ceil(N / panel), K, panel]`` for ``ai.rag_engine::MatMulF32Panels``
+    (csrc/ortops/gemm_f32.h): each panel of columns is one contiguous stream; columns past N are zero."""
+    k, n = w.shape
+    panels = -(-n // panel)
+    out = np.zeros((k, panels * panel), np.float32)
+    out[:, :n] = w
+    return np.ascontiguousarray(out.reshape(k, panels, panel).transpose(1, 0, 2))

@@ -1,0 +1,84 @@
+// ai.rag_engine::MatMulF32Panels (CPU): the fp32 weight GEMM of gemm_f32.h.
+//
+//   inputs:  A fp32 [..., K]; W fp32 [ceil(N / 32), K, 32] (panels)
+//   outputs: Y fp32 [..., N]
+//   attributes: K, N
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "gemm_f32.h"
+#include "ort_kernel.h"
+
+namespace rag_engine::gemm_f32 {
+
+namespace {
+
+constexpr int64_t kPanelsPerTask = 2;
+
+bool use_avx512() {
+#if defined(__x86_64__)
+  static const bool cpu = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  const char* env = std::getenv("RAG_ENGINE_ISA");
+  return cpu && !(env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2"));
+#else
+  return false;
+#endif
+}
+
+struct Task {
+  const Problem* pr;
+  int64_t panels;
+  bool avx512;
+};
+
+void run_task(void* data, size_t index) {
+  const Task& t = *static_cast<const Task*>(data);
+  const int64_t p0 = static_cast<int64_t>(index) * kPanelsPerTask, p1 = std::min(t.panels, p0 + kPanelsPerTask);
+  if (t.avx512)
+    panels_avx512(*t.pr, p0, p1);
+  else
+    panels_scalar(*t.pr, p0, p1);
+}
+
+}  // namespace
+
+struct MatMulF32Panels {
+  static constexpr const char* kName = "MatMulF32Panels";
+  static constexpr size_t kInputs = 2, kOptionalFrom = 2, kOutputs = 1;
+  static constexpr int kInputTypes[kInputs] = {ort::kFloat, ort::kFloat};
+
+  int64_t k, n, panels;
+  bool avx512;
+
+  explicit MatMulF32Panels(const ort::KernelInfo* info)
+      : k(ort::attribute_int(info, "K")), n(ort::attribute_int(info, "N")), panels(0), avx512(use_avx512()) {
+    if (k < 1 || n < 1)
+      ort::fail(kName, "attributes must be K >= 1 and N >= 1, got K=" + std::to_string(k) + " N=" + std::to_string(n));
+    panels = (n + kPanel - 1) / kPanel;
+  }
+
+  void compute(ort::KernelContext* ctx) const {
+    const ort::Tensor a = ort::input(kName, ctx, 0), w = ort::input(kName, ctx, 1);
+    if (a.type != ort::kFloat || a.dims.empty() || a.dims.back() != k)
+      ort::fail(kName, "A must be float32 [..., K=" + std::to_string(k) + "], got " + a.shape());
+    if (w.type != ort::kFloat || w.numel() != panels * k * kPanel)
+      ort::fail(kName, "W must hold " + std::to_string(panels * k * kPanel) + " floats ([ceil(N/32), K, 32]), got " +
+                           w.shape());
+    std::vector<int64_t> y_dims = a.dims;
+    y_dims.back() = n;
+    float* y = static_cast<float*>(ort::output(ctx, 0, y_dims));
+    const Problem pr{static_cast<const float*>(a.data), static_cast<const float*>(w.data), y, a.numel() / k, k, n};
+    if (pr.m == 0) return;
+    Task task{&pr, panels, avx512};
+    ort::parallel_for(ctx, run_task, static_cast<size_t>((panels + kPanelsPerTask - 1) / kPanelsPerTask), &task);
+  }
+};
+
+ort::CustomOp make_matmul_f32_panels_op() { return ort::make_custom_op<MatMulF32Panels>(); }
+
+}  // namespace rag_engine::gemm_f32
