@@ -1,10 +1,12 @@
 """Generation speed: rag-engine vs Hugging Face transformers generate vs onnxruntime-genai.
 
-    python benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--new-tokens 128] [--quick]
+    python benchmarks/bench_generate.py [--threads 2] [--repeats 5] [--new-tokens 128] [--quick] [--ort-ops]
 
 Model: the packaged SmolLM2-135M-Instruct. Every contender runs greedy with EOS suppressed and
 the same thread count: HF transformers fp32 (torch, KV cache), onnxruntime-genai fp32/int8/int4
-(built with its model builder, threads through a config overlay), rag-engine fp32/int8/int4.
+(built with its model builder, threads through a config overlay), rag-engine fp32/int8/int4
+(with its own ONNX Runtime ops where the CPU has AVX-512 VNNI; --ort-ops adds the same exports
+with ONNX Runtime's ops only).
 Workloads: decode tokens/s at batch 1 (32-token prompt), aggregate decode tokens/s at batch 4
 and 8, and time to first token for a 512-token prompt. Before timing, greedy outputs are
 compared with HF fp32 (rag-engine fp32 must match exactly for 32 tokens). Workloads are
@@ -62,6 +64,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 repeats, 32 new tokens")
     p.add_argument("--int8-dynamic", action="store_true",
                    help="also time rag-engine int8 exported with quantize_dynamic (per-channel weights)")
+    p.add_argument("--ort-ops", action="store_true",
+                   help="also time rag-engine exports with ONNX Runtime's own ops only (custom_ops=False: "
+                        "GroupQueryAttention, MatMulNBits, MatMul)")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.new_tokens = 2, 32
@@ -75,6 +80,8 @@ def main() -> None:
     contenders += [OursContender(prec, threads) for prec in precisions]
     if args.int8_dynamic:
         contenders.append(OursContender("int8", threads, int8_method="dynamic"))
+    if args.ort_ops:
+        contenders += [OursContender(prec, threads, custom_ops=False) for prec in precisions]
     tokenizer = contenders[-1].gen.tokenizer
     text = text_tokens(tokenizer, LONG_PROMPT + 8 * PROMPT)
     long_prompt = text[:LONG_PROMPT]
@@ -312,7 +319,7 @@ class GenaiContender:
 class OursContender:
     """rag-engine Generator (cached export), greedy, ignore_eos."""
 
-    def __init__(self, precision: str, threads: int, int8_method: str = "nbits") -> None:
+    def __init__(self, precision: str, threads: int, int8_method: str = "nbits", custom_ops: bool | None = None) -> None:
         from rag_engine.generator import Generator
 
         if int8_method != "nbits":
@@ -320,7 +327,10 @@ class OursContender:
         else:
             self.precision = precision
         self.name, self.skip = f"rag-engine {self.precision}", ()
-        self.gen = Generator.from_pretrained("default", precision=precision, threads=threads, int8_method=int8_method)
+        if custom_ops is False:
+            self.name += " (ONNX Runtime ops)"
+        self.gen = Generator.from_pretrained("default", precision=precision, threads=threads, int8_method=int8_method,
+                                             custom_ops=custom_ops)
         self.bytes_per_token = onnx_weight_bytes(self.gen.session.folder / "model.onnx")
 
     def run(self, prompts: list[list[int]], new: int) -> dict:
