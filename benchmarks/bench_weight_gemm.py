@@ -3,9 +3,10 @@
     python benchmarks/bench_weight_gemm.py [--threads 2] [--layers 30] [--k 576] [--n 3072]
 
 One graph of `layers` independent [M, K] x [K, N] products (the shape of SmolLM2-135M's
-fused gate/up projection), timed at M = 1, 4 and 8 for: fp32 MatMul, MatMulNBits with 8-bit
-weights in blocks of 64 and 32, and 4-bit weights in blocks of 32 (accuracy_level 4, as the
-generator exports them; the weights come from rag_engine.generator.quant). A decode step at
+fused gate/up projection), timed at M = 1, 4 and 8 for: fp32 MatMul and our MatMulF32Panels,
+MatMulNBits with 8-bit weights in blocks of 64 and 32 and our MatMulInt8Block (blocks of 64,
+the same weights), and 4-bit weights in blocks of 32 (accuracy_level 4, as the generator
+exports them; the weights come from rag_engine.generator.quant). A decode step at
 batch B runs its weight GEMMs at M = B, so the ratio t(M=8) / t(M=1) bounds what batch 8 can
 gain over batch 1 (8 / ratio, before attention and the other ops). Writes JSON.
 """
@@ -22,20 +23,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import clean_blas_env, write_json  # noqa: E402
 
-FORMATS = [("fp32", 0, 0), ("int8", 8, 64), ("int8", 8, 32), ("int4", 4, 32)]
+# (name, bits, block, op): ONNX Runtime's MatMul / MatMulNBits, or rag_engine's own op ("ours")
+FORMATS = [("fp32", 0, 0, "ort"), ("fp32 MatMulF32Panels", 0, 0, "ours"), ("int8", 8, 64, "ort"),
+           ("int8 MatMulInt8Block", 8, 64, "ours"), ("int8", 8, 32, "ort"), ("int4", 4, 32, "ort")]
 ROWS = (1, 4, 8)
 
 
-def build_session(bits: int, block: int, layers: int, k: int, n: int, threads: int, rng):
+def build_session(bits: int, block: int, op: str, layers: int, k: int, n: int, threads: int, rng):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from rag_engine.generator.quant import quantize_blockwise
+    from rag_engine.generator import ortops
+    from rag_engine.generator.quant import pack_f32_panels, pack_int8_vnni, quantize_blockwise
 
     nodes, inits = [], []
     for layer in range(layers):
         w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
-        if bits:
+        if op == "ours":
+            packed = pack_int8_vnni(w, block) if bits else (pack_f32_panels(w),)
+            names = [f"{part}{layer}" for part in "ws"[:len(packed)]]
+            inits += [numpy_helper.from_array(a, name) for a, name in zip(packed, names, strict=True)]
+            kind, attrs = ("MatMulInt8Block", dict(block_size=block)) if bits else ("MatMulF32Panels", {})
+            nodes.append(helper.make_node(kind, ["x", *names], [f"y{layer}"], domain=ortops.DOMAIN, K=k, N=n,
+                                          **attrs))
+        elif bits:
             packed, scales = quantize_blockwise(w, bits, block)
             inits += [numpy_helper.from_array(packed, f"w{layer}"), numpy_helper.from_array(scales, f"s{layer}")]
             nodes.append(helper.make_node("MatMulNBits", ["x", f"w{layer}", f"s{layer}"], [f"y{layer}"],
@@ -47,10 +58,13 @@ def build_session(bits: int, block: int, layers: int, k: int, n: int, threads: i
     graph = helper.make_graph(
         nodes, "weight_gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info(f"y{layer}", TensorProto.FLOAT, ["M", n]) for layer in range(layers)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(ortops.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if op == "ours":
+        ortops.register(options)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -78,8 +92,8 @@ def main() -> None:
     rows = []
     print("| weights | block | " + " | ".join(f"M={m} ms" for m in ROWS) + " | GB/s of weights @M=1 | M=8 / M=1 |")
     print("|---|---|" + "---|" * len(ROWS) + "---|---|")
-    for name, bits, block in FORMATS:
-        session = build_session(bits, block, args.layers, args.k, args.n, args.threads, rng)
+    for name, bits, block, op in FORMATS:
+        session = build_session(bits, block, op, args.layers, args.k, args.n, args.threads, rng)
         ms = {m: median_ms(session, rng.standard_normal((m, args.k), dtype=np.float32), args.repeat) for m in ROWS}
         weight_bytes = args.layers * args.k * args.n * (4 if not bits else bits / 8)
         row = {"weights": name, "bits": bits, "block": block, "ms": ms, "weight_bytes": weight_bytes,
