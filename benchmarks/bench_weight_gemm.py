@@ -5,8 +5,9 @@
 One graph of `layers` independent [M, K] x [K, N] products (the shape of SmolLM2-135M's
 fused gate/up projection), timed at M = 1, 4 and 8 for: fp32 MatMul and our MatMulF32Panels,
 MatMulNBits with 8-bit weights in blocks of 64 and 32 and our MatMulInt8Block (blocks of 64,
-the same weights), and 4-bit weights in blocks of 32 (accuracy_level 4, as the generator
-exports them; the weights come from rag_engine.generator.quant). A decode step at
+the same weights), and 4-bit weights in blocks of 32 with MatMulNBits and our MatMulInt4Block
+(accuracy_level 4, as the generator exports them; the weights come from
+rag_engine.generator.quant). A decode step at
 batch B runs its weight GEMMs at M = B, so the ratio t(M=8) / t(M=1) bounds what batch 8 can
 gain over batch 1 (8 / ratio, before attention and the other ops). Writes JSON.
 """
@@ -25,7 +26,8 @@ from common import clean_blas_env, write_json  # noqa: E402
 
 # (name, bits, block, op): ONNX Runtime's MatMul / MatMulNBits, or rag_engine's own op ("ours")
 FORMATS = [("fp32", 0, 0, "ort"), ("fp32 MatMulF32Panels", 0, 0, "ours"), ("int8", 8, 64, "ort"),
-           ("int8 MatMulInt8Block", 8, 64, "ours"), ("int8", 8, 32, "ort"), ("int4", 4, 32, "ort")]
+           ("int8 MatMulInt8Block", 8, 64, "ours"), ("int8", 8, 32, "ort"), ("int4", 4, 32, "ort"),
+           ("int4 MatMulInt4Block", 4, 32, "ours")]
 ROWS = (1, 4, 8)
 
 
@@ -34,16 +36,21 @@ def build_session(bits: int, block: int, op: str, layers: int, k: int, n: int, t
     from onnx import TensorProto, helper, numpy_helper
 
     from rag_engine.generator import ortops
-    from rag_engine.generator.quant import pack_f32_panels, pack_int8_vnni, quantize_blockwise
+    from rag_engine.generator.quant import (
+        pack_f32_panels,
+        pack_int4_vnni,
+        pack_int8_vnni,
+        quantize_blockwise,
+    )
 
     nodes, inits = [], []
     for layer in range(layers):
         w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
         if op == "ours":
-            packed = pack_int8_vnni(w, block) if bits else (pack_f32_panels(w),)
+            packed = {8: pack_int8_vnni, 4: pack_int4_vnni}[bits](w, block) if bits else (pack_f32_panels(w),)
             names = [f"{part}{layer}" for part in "ws"[:len(packed)]]
             inits += [numpy_helper.from_array(a, name) for a, name in zip(packed, names, strict=True)]
-            kind, attrs = ("MatMulInt8Block", dict(block_size=block)) if bits else ("MatMulF32Panels", {})
+            kind, attrs = (f"MatMulInt{bits}Block", dict(block_size=block)) if bits else ("MatMulF32Panels", {})
             nodes.append(helper.make_node(kind, ["x", *names], [f"y{layer}"], domain=ortops.DOMAIN, K=k, N=n,
                                           **attrs))
         elif bits:

@@ -24,7 +24,8 @@ from rag_engine.generator.quant import dequantize_blockwise, quantize_blockwise 
 
 CASES = [("int8", "nbits", None, 0.15, 0.95, False), ("int8", "nbits", 32, 0.15, 0.95, False),
          ("int8", "nbits", None, 0.15, 0.95, True), ("int8", "nbits", 32, 0.15, 0.95, True),
-         ("int8", "dynamic", None, 0.15, 0.95, None), ("int4", "nbits", None, 1.5, 0.60, None)]
+         ("int8", "dynamic", None, 0.15, 0.95, None), ("int4", "nbits", None, 1.5, 0.60, False),
+         ("int4", "nbits", None, 1.5, 0.60, True)]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,9 @@ def test_quantised_logits_within_tolerance(family, precision, method, block, err
                           custom_ops=custom_ops)
     gen = Generator.from_hf(model, cache_dir=gen_quant_cache, export_config=config)
     ops = {node.op_type for node in onnx.load(gen.session.folder / "model.onnx", load_external_data=False).graph.node}
-    int8_op = bool(gen.session.config.custom_ops) and precision == "int8" and method == "nbits"
-    assert ("MatMulInt8Block" in ops) == int8_op
-    assert ("MatMulNBits" in ops) == (method == "nbits" and not int8_op)
+    block_op = bool(gen.session.config.custom_ops) and method == "nbits"
+    assert (f"MatMulInt{config.bits}Block" in ops) == block_op
+    assert ("MatMulNBits" in ops) == (method == "nbits" and not block_op)
     assert ("DecoderAttention" in ops) == gen.session.config.custom_ops != ("GroupQueryAttention" in ops)
     spec = gen.session.spec
     cache = KVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(prompts), 24)

@@ -18,7 +18,12 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rag_engine.generator import ortops  # noqa: E402
-from rag_engine.generator.quant import dequantize_blockwise, pack_int8_vnni, quantize_blockwise  # noqa: E402
+from rag_engine.generator.quant import (  # noqa: E402
+    dequantize_blockwise,
+    pack_int4_vnni,
+    pack_int8_vnni,
+    quantize_blockwise,
+)
 
 
 def test_library_is_built():
@@ -31,19 +36,19 @@ PATHS.append("scalar")
 
 
 def session(w: np.ndarray, block: int, *, threads: int = 2, nbits: bool = False, k_attr: int | None = None,
-            block_attr: int | None = None, q_override: np.ndarray | None = None):
+            block_attr: int | None = None, q_override: np.ndarray | None = None, bits: int = 8):
     k, n = w.shape
     if nbits:
-        packed, scales = quantize_blockwise(w, 8, block)
+        packed, scales = quantize_blockwise(w, bits, block)
         inits = [numpy_helper.from_array(packed, "q"), numpy_helper.from_array(scales, "s")]
-        node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+        node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                                 block_size=block, accuracy_level=4)
     else:
-        q, s = pack_int8_vnni(w, block)
+        q, s = (pack_int8_vnni if bits == 8 else pack_int4_vnni)(w, block)
         if q_override is not None:
             q = q_override
         inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
-        node = helper.make_node("MatMulInt8Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN,
+        node = helper.make_node(f"MatMulInt{bits}Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN,
                                 K=k if k_attr is None else k_attr, N=n, block_size=block if block_attr is None else block_attr)
     return one_node_session(node, {"x": TensorProto.FLOAT}, ["y"], inits, threads)
 
@@ -60,11 +65,20 @@ def one_node_session(node, inputs: dict, outputs: list[str], inits=(), threads: 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def reference(x: np.ndarray, w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+def weight_values(w: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' signed integer weights [N, nb, block] and scales [N, nb]."""
+    packed, scales = quantize_blockwise(w, bits, block)
+    if bits == 4:
+        values = np.empty(packed.shape[:2] + (block,), np.int64)
+        values[:, :, 0::2], values[:, :, 1::2] = packed & 0x0F, packed >> 4
+        return values - 8, scales
+    return packed.astype(np.int64) - 128, scales
+
+
+def reference(x: np.ndarray, w: np.ndarray, block: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(y float64, error bound) of the op's arithmetic on x [..., K]."""
     k, n = w.shape
-    packed, scales = quantize_blockwise(w, 8, block)
-    wq = packed.astype(np.int64) - 128  # [N, nb, block]
+    wq, scales = weight_values(w, block, bits)  # [N, nb, block]
     nb = wq.shape[1]
     rows = x.reshape(-1, k).astype(np.float32)
     xp = np.zeros((rows.shape[0], nb * block), np.float32)
@@ -438,3 +452,54 @@ def test_f32_panels_bad_inputs():
         run(f32_session(w), np.ones((2, 63), np.float32))
     with pytest.raises(Exception, match=r"MatMulF32Panels: W must hold 4096 floats"):
         run(f32_session(w, w_override=np.ones((64, 40), np.float32)), np.ones((1, 64), np.float32))
+
+
+# ---- MatMulInt4Block ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "n", "block"), [(576, 960, 32), (64, 16, 32), (37, 23, 32), (100, 50, 16), (8, 1, 8),
+                                               (130, 17, 64), (1536, 40, 32)])
+def test_int4_matches_reference(isa, k, n, block):
+    rng = np.random.default_rng(k * 7 + n)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    sess = session(w, block, bits=4)
+    for shape in [(1, k), (2, k), (3, k), (8, k), (9, k), (17, k), (2, 7, k)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[..., :: max(1, k // 3)] *= 30
+        y = run(sess, x)
+        ref, bound = reference(x, w, block, bits=4)
+        assert y.shape == (*shape[:-1], n) and np.all(np.abs(y - ref) <= bound), (shape, np.abs(y - ref).max())
+
+
+def test_int4_paths_agree_bitwise_and_match_matmulnbits(monkeypatch):
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((320, 70)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((11, 320)).astype(np.float32)
+    outs = []
+    for path in PATHS:
+        monkeypatch.setenv("RAG_ENGINE_ISA", path)
+        outs += [run(session(w, 32, bits=4, threads=t), x) for t in (1, 3)]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0])
+    theirs = run(session(w, 32, bits=4, nbits=True), x)  # same weights and activation quantisation
+    np.testing.assert_allclose(outs[0], theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_int4_pack_layout_and_errors():
+    w = np.random.default_rng(12).standard_normal((40, 18)).astype(np.float32)
+    q, s = pack_int4_vnni(w, 16)
+    assert q.shape == (2, 3, 2, 16, 4) and s.shape == (2, 3, 16) and q.dtype == np.uint8
+    values, scales = weight_values(w, 16, 4)
+    for k, n in [(0, 0), (5, 3), (39, 17), (17, 16), (12, 9)]:
+        byte = q[n // 16, k // 16, (k % 16) // 8, n % 16, k % 4]
+        nibble = byte & 0x0F if k % 8 < 4 else byte >> 4
+        assert int(nibble) - 8 == values[n, k // 16, k % 16]
+        assert s[n // 16, k // 16, n % 16] == scales[n, k // 16]
+    assert (q[1, :, :, 2:] == 0x88).all()  # padded columns: weight 0
+    with pytest.raises(ValueError, match="block must be a positive multiple of 8"):
+        pack_int4_vnni(w, 12)
+    with pytest.raises(Exception, match=r"MatMulInt4Block: attributes must be .* a positive multiple of 8"):
+        session(np.ones((64, 16), np.float32), 32, bits=4, block_attr=4)
+    with pytest.raises(Exception, match=r"MatMulInt4Block: q must hold 512 elements"):
+        run(session(np.ones((64, 16), np.float32), 32, bits=4, q_override=np.zeros(1024, np.uint8)),
+            np.ones((1, 64), np.float32))

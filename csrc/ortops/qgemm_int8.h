@@ -27,7 +27,16 @@ struct Weights {
   const uint8_t* q;
   const float* scales;
   int64_t k, n, groups, blocks, block;
+  int bits;  // 8, or 4 (see below)
 };
+
+// 4-bit weights (MatMulInt4Block): MatMulNBits' values q in [0, 15] (weight = (q - 8) * scale),
+// two per byte, block / 8 runs of 64 bytes per (group, block): byte j of column c's dword
+// holds k = 8r + j in its low nibble and k = 8r + 4 + j in its high nibble, so masking and a
+// shift give the two VPDPBUSD operands for k 8r..8r+3 and 8r+4..8r+7.
+//   q uint8 [groups, blocks, block / 8, 16, 4]
+inline int zero_point(int bits) { return bits == 8 ? 128 : 8; }
+inline int64_t block_bytes(const Weights& w) { return w.block * 16 * w.bits / 8; }  // per (group, block)
 
 // Activations quantised for one call: xq [m, blocks * block] int8 (zero past k), xs and
 // xsum (the block's sum of xq) [m, blocks].

@@ -50,20 +50,23 @@ void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights&
 
 namespace {
 
-template <int MR, int NG>
+template <int BITS, int MR, int NG>
 inline void tile(const Weights& w, const Activations& a, int64_t m0, int64_t g0, float* y) {
+  constexpr int kZero = BITS == 8 ? 128 : 8;
   const int64_t stride = w.blocks * w.block;
-  const int64_t steps = w.block / 4;
+  const int64_t steps = w.block / (BITS == 8 ? 4 : 8);  // 64-byte weight vectors per block
+  const int64_t bytes = w.block * 16 * BITS / 8;
   __m512 facc[MR][NG];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NG; ++j) facc[i][j] = _mm512_setzero_ps();
   const int8_t* xrow = a.xq + m0 * stride;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < w.blocks; ++b) {
     __m512i acc[MR][NG];
     const uint8_t* q[NG];
-    for (int j = 0; j < NG; ++j) q[j] = w.q + ((g0 + j) * w.blocks + b) * w.block * 16;
+    for (int j = 0; j < NG; ++j) q[j] = w.q + ((g0 + j) * w.blocks + b) * bytes;
     for (int i = 0; i < MR; ++i) {
-      const __m512i start = _mm512_set1_epi32(-128 * a.xsum[(m0 + i) * w.blocks + b]);
+      const __m512i start = _mm512_set1_epi32(-kZero * a.xsum[(m0 + i) * w.blocks + b]);
       for (int j = 0; j < NG; ++j) acc[i][j] = start;
     }
     const int8_t* xb = xrow + b * w.block;
@@ -71,10 +74,21 @@ inline void tile(const Weights& w, const Activations& a, int64_t m0, int64_t g0,
     for (int64_t s = 0; s < steps; ++s) {
       for (int j = 0; j < NG; ++j) {
         const __m512i wv = _mm512_loadu_si512(q[j] + s * 64);
-        for (int i = 0; i < MR; ++i) {
-          int32_t x4;
-          std::memcpy(&x4, xb + i * stride + s * 4, 4);
-          acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv, _mm512_set1_epi32(x4));
+        if constexpr (BITS == 8) {
+          for (int i = 0; i < MR; ++i) {
+            int32_t x4;
+            std::memcpy(&x4, xb + i * stride + s * 4, 4);
+            acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv, _mm512_set1_epi32(x4));
+          }
+        } else {
+          const __m512i lo = _mm512_and_si512(wv, low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
+          for (int i = 0; i < MR; ++i) {
+            int32_t x4[2];
+            std::memcpy(x4, xb + i * stride + s * 8, 8);
+            acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo, _mm512_set1_epi32(x4[0]));
+            acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi, _mm512_set1_epi32(x4[1]));
+          }
         }
       }
     }
@@ -94,27 +108,35 @@ inline void tile(const Weights& w, const Activations& a, int64_t m0, int64_t g0,
 }
 
 // Rows [m0, m0 + MR) over groups [g0, g1), four groups at a time.
-template <int MR>
+template <int BITS, int MR>
 inline void rows_tile(const Weights& w, const Activations& a, int64_t m0, int64_t g0, int64_t g1, float* y) {
   int64_t g = g0;
-  for (; g + 4 <= g1; g += 4) tile<MR, 4>(w, a, m0, g, y);
-  for (; g < g1; ++g) tile<MR, 1>(w, a, m0, g, y);
+  for (; g + 4 <= g1; g += 4) tile<BITS, MR, 4>(w, a, m0, g, y);
+  for (; g < g1; ++g) tile<BITS, MR, 1>(w, a, m0, g, y);
 }
-
-}  // namespace
 
 // Rows 8 at a time on one group (8 int32 + 8 fp32 accumulators, one weight vector and 8
 // broadcasts per 8 VPDPBUSD), then in pairs on 4 groups, an odd last row on 4 groups.
 // Measured in the generator (same-process A/B, SmolLM2 int8, 2 threads): 8 x 1 for batch 8
 // gave 1003 tok/s against 921 for pairs of rows on 4 groups (2 x 4, which a standalone
 // loop had ranked first); the weights of a task (4 groups) stay in L1/L2 across row tiles.
-void gemm_groups_avx512(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y) {
-  if (w.block % 4 != 0) return gemm_groups_scalar(w, a, g0, g1, y);
+template <int BITS>
+void gemm_groups(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y) {
   int64_t m0 = 0;
   for (; m0 + 8 <= a.m; m0 += 8)
-    for (int64_t g = g0; g < g1; ++g) tile<8, 1>(w, a, m0, g, y);
-  for (; m0 + 2 <= a.m; m0 += 2) rows_tile<2>(w, a, m0, g0, g1, y);
-  if (m0 < a.m) rows_tile<1>(w, a, m0, g0, g1, y);
+    for (int64_t g = g0; g < g1; ++g) tile<BITS, 8, 1>(w, a, m0, g, y);
+  for (; m0 + 2 <= a.m; m0 += 2) rows_tile<BITS, 2>(w, a, m0, g0, g1, y);
+  if (m0 < a.m) rows_tile<BITS, 1>(w, a, m0, g0, g1, y);
+}
+
+}  // namespace
+
+void gemm_groups_avx512(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y) {
+  if (w.block % (w.bits == 8 ? 4 : 8) != 0) return gemm_groups_scalar(w, a, g0, g1, y);
+  if (w.bits == 8)
+    gemm_groups<8>(w, a, g0, g1, y);
+  else
+    gemm_groups<4>(w, a, g0, g1, y);
 }
 
 }  // namespace rag_engine::qgemm

@@ -45,12 +45,21 @@ void gemm_groups_scalar(const Weights& w, const Activations& a, int64_t g0, int6
       float acc[16] = {};
       for (int64_t b = 0; b < w.blocks; ++b) {
         const int64_t gb = g * w.blocks + b;
-        const uint8_t* q = w.q + gb * w.block * 16;
+        const uint8_t* q = w.q + gb * block_bytes(w);
         const int8_t* xq = a.xq + m * stride + b * w.block;
         const float xs = a.xs[m * w.blocks + b];
         for (int64_t c = 0; c < 16; ++c) {
-          int32_t dot = -128 * a.xsum[m * w.blocks + b];
-          for (int64_t k = 0; k < w.block; ++k) dot += int32_t{q[(k / 4) * 64 + c * 4 + k % 4]} * int32_t{xq[k]};
+          int32_t dot = -zero_point(w.bits) * a.xsum[m * w.blocks + b];
+          for (int64_t k = 0; k < w.block; ++k) {
+            int32_t v;
+            if (w.bits == 8) {
+              v = q[(k / 4) * 64 + c * 4 + k % 4];
+            } else {
+              const uint8_t byte = q[(k / 8) * 64 + c * 4 + k % 4];
+              v = k % 8 < 4 ? byte & 0x0F : byte >> 4;
+            }
+            dot += v * int32_t{xq[k]};
+          }
           // fmadd(float(dot), ws * xs, acc) as the vector path computes it
           acc[c] = std::fma(static_cast<float>(dot), w.scales[gb * 16 + c] * xs, acc[c]);
         }

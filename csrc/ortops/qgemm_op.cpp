@@ -1,4 +1,5 @@
-// ai.rag_engine::MatMulInt8Block (CPU): the int8 block GEMM of qgemm_int8.h.
+// ai.rag_engine::MatMulInt8Block and MatMulInt4Block (CPU): the block-quantised GEMMs of
+// qgemm_int8.h (8-bit and 4-bit weights, int8 activations).
 //
 //   inputs:  A fp32 [..., K]; q uint8 and scales fp32 in the layout of qgemm_int8.h
 //   outputs: Y fp32 [..., N]
@@ -68,19 +69,22 @@ void run_quantize_task(void* data, size_t index) {
 
 }  // namespace
 
-struct MatMulInt8Block {
-  static constexpr const char* kName = "MatMulInt8Block";
+template <int BITS>
+struct MatMulBlock {
+  static constexpr const char* kName = BITS == 8 ? "MatMulInt8Block" : "MatMulInt4Block";
   static constexpr size_t kInputs = 3, kOptionalFrom = 3, kOutputs = 1;
   static constexpr int kInputTypes[kInputs] = {ort::kFloat, ort::kUint8, ort::kFloat};
+  static constexpr int64_t kBlockMultiple = BITS == 8 ? 4 : 8;  // k per VNNI operand run
 
   int64_t k = 0, n = 0, block = 0, groups = 0, blocks = 0;
   bool vnni = false;
 
-  explicit MatMulInt8Block(const ort::KernelInfo* info)
+  explicit MatMulBlock(const ort::KernelInfo* info)
       : k(ort::attribute_int(info, "K")), n(ort::attribute_int(info, "N")), block(ort::attribute_int(info, "block_size")) {
-    if (k < 1 || n < 1 || block < 4 || block % 4 != 0)
-      ort::fail(kName, "attributes must be K >= 1, N >= 1 and block_size a positive multiple of 4, got K=" +
-                           std::to_string(k) + " N=" + std::to_string(n) + " block_size=" + std::to_string(block));
+    if (k < 1 || n < 1 || block < kBlockMultiple || block % kBlockMultiple != 0)
+      ort::fail(kName, "attributes must be K >= 1, N >= 1 and block_size a positive multiple of " +
+                           std::to_string(kBlockMultiple) + ", got K=" + std::to_string(k) + " N=" + std::to_string(n) +
+                           " block_size=" + std::to_string(block));
     groups = (n + 15) / 16;
     blocks = (k + block - 1) / block;
     vnni = use_avx512_vnni();
@@ -90,7 +94,7 @@ struct MatMulInt8Block {
     const ort::Tensor a_in = ort::input(kName, ctx, 0);
     if (a_in.type != ort::kFloat || a_in.dims.empty() || a_in.dims.back() != k)
       ort::fail(kName, "A must be float32 [..., K=" + std::to_string(k) + "], got " + a_in.shape());
-    const int64_t expect[2] = {groups * blocks * block * 16, groups * blocks * 16};
+    const int64_t expect[2] = {groups * blocks * block * 16 * BITS / 8, groups * blocks * 16};
     const char* names[2] = {"q", "scales"};
     ort::Tensor parts[2];
     for (int i = 0; i < 2; ++i) {
@@ -106,7 +110,7 @@ struct MatMulInt8Block {
     if (m == 0) return;
 
     const Weights w{static_cast<const uint8_t*>(parts[0].data), static_cast<const float*>(parts[1].data), k, n,
-                    groups, blocks, block};
+                    groups, blocks, block, BITS};
     // Per calling thread: concurrent Run calls on one session each get their own buffers.
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> xs;
@@ -121,6 +125,7 @@ struct MatMulInt8Block {
   }
 };
 
-ort::CustomOp make_matmul_int8_block_op() { return ort::make_custom_op<MatMulInt8Block>(); }
+ort::CustomOp make_matmul_int8_block_op() { return ort::make_custom_op<MatMulBlock<8>>(); }
+ort::CustomOp make_matmul_int4_block_op() { return ort::make_custom_op<MatMulBlock<4>>(); }
 
 }  // namespace rag_engine::qgemm

@@ -6,6 +6,7 @@
 namespace rag_engine {
 namespace qgemm {
 ort::CustomOp make_matmul_int8_block_op();
+ort::CustomOp make_matmul_int4_block_op();
 }
 namespace attention {
 ort::CustomOp make_decoder_attention_op();
@@ -19,8 +20,8 @@ namespace {
 
 using namespace rag_engine;
 
-const ort::CustomOp g_ops[] = {qgemm::make_matmul_int8_block_op(), attention::make_decoder_attention_op(),
-                               gemm_f32::make_matmul_f32_panels_op()};
+const ort::CustomOp g_ops[] = {qgemm::make_matmul_int8_block_op(), qgemm::make_matmul_int4_block_op(),
+                               attention::make_decoder_attention_op(), gemm_f32::make_matmul_f32_panels_op()};
 
 }  // namespace
 

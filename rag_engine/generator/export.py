@@ -52,9 +52,9 @@ class ExportConfig:
     token at its cache slot (what the runtime always feeds) and ignores ``position_ids``.
     custom_ops: use rag_engine's own ONNX Runtime ops (``ortops.py``, csrc/ortops) where they
     apply: DecoderAttention instead of GroupQueryAttention (packed QKV: not with explicit_rotary
-    or a sliding window); for ``int8`` with ``int8_method="nbits"``, MatMulInt8Block instead
-    of MatMulNBits (the same weights); for ``fp32``, MatMulF32Panels instead of the layers'
-    MatMuls. None: when the op library is built and the CPU has
+    or a sliding window); for ``int8`` (``int8_method="nbits"``) and ``int4``, MatMulInt8Block /
+    MatMulInt4Block instead of MatMulNBits (the same weights); for ``fp32``, MatMulF32Panels
+    instead of the layers' MatMuls. None: when the op library is built and the CPU has
     AVX-512 VNNI; True: the library must be built; False: only ONNX Runtime's own ops (a
     portable export). Resolved on construction.
     """

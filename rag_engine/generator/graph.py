@@ -24,7 +24,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rag_engine.generator.ortops import DOMAIN as RAG_DOMAIN
-from rag_engine.generator.quant import pack_f32_panels, pack_int8_vnni, quantize_blockwise
+from rag_engine.generator.quant import (
+    pack_f32_panels,
+    pack_int4_vnni,
+    pack_int8_vnni,
+    quantize_blockwise,
+)
 from rag_engine.generator.spec import DecoderSpec
 
 MS = "com.microsoft"
@@ -42,13 +47,13 @@ class _Graph:
         self._consts: set[str] = set()
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.custom_ops = custom_ops  # DecoderAttention instead of GroupQueryAttention where it applies
-        self.int8_op = custom_ops and bits == 8  # MatMulInt8Block instead of MatMulNBits
+        self.block_op = custom_ops and bits in (4, 8)  # MatMulInt{bits}Block instead of MatMulNBits
         self.f32_op = f32_op and bits is None  # MatMulF32Panels instead of MatMul
         self.domains: set[str] = set()
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
 
     def matmul(self, x: str, w: dict, key: str) -> str:
-        """``x @ w[key]`` — fp32 MatMul, or MatMulNBits / MatMulInt8Block when the graph is weight-quantised."""
+        """``x @ w[key]`` — fp32 MatMul (or MatMulF32Panels), or MatMulNBits / MatMulInt{4,8}Block when quantised."""
         weight = w[key]
         if self.f32_op:
             self.domains.add(RAG_DOMAIN)
@@ -57,12 +62,13 @@ class _Graph:
                             domain=RAG_DOMAIN, K=k, N=n)
         if self.bits is None:
             return self.one("MatMul", [x, self.init(key, weight)])
-        if self.int8_op:
-            q, scales = pack_int8_vnni(weight, self.block)
-            names = [self.init(key + "_q8", q), self.init(key + "_s8", scales)]
+        if self.block_op:
+            q, scales = (pack_int8_vnni if self.bits == 8 else pack_int4_vnni)(weight, self.block)
+            names = [self.init(key + "_qv", q), self.init(key + "_sv", scales)]
             k, n = weight.shape
             self.domains.add(RAG_DOMAIN)
-            return self.one("MatMulInt8Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n, block_size=self.block)
+            return self.one(f"MatMulInt{self.bits}Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n,
+                            block_size=self.block)
         packed, scales = quantize_blockwise(weight, self.bits, self.block)
         names = (self.init(key + "_q", packed), self.init(key + "_scales", scales))
         self.quantized[key] = names
@@ -203,7 +209,8 @@ def build_graph(spec: DecoderSpec, w: dict[str, np.ndarray], *, all_logits: bool
     MatMulNBits / GatherBlockQuantized; ``accuracy_level`` 4 lets ONNX Runtime compute them with
     int8 activations (VNNI), as onnxruntime-genai does. ``custom_ops``: rag_engine's own ops
     (csrc/ortops) where they apply: ``ai.rag_engine::DecoderAttention`` for the attention (packed
-    QKV, no sliding window) and, at 8 bits, ``MatMulInt8Block`` over the same quantised weights.
+    QKV, no sliding window) and ``MatMulInt8Block`` / ``MatMulInt4Block`` over the same quantised
+    weights.
     ``f32_op`` (an fp32 graph whose MatMuls no later pass rewrites): the layers' fp32 weight
     GEMMs are ``ai.rag_engine::MatMulF32Panels`` (the lm_head stays a Gemm/MatMul).
     """
@@ -260,7 +267,7 @@ def _lm_head(g: _Graph, spec: DecoderSpec, w: dict, h: str, tied: bool, flat: bo
     ``flat``: h is ``[B, H]`` (last tokens) and logits come out ``[B, 1, V]``; else ``[B, S, *]``.
     """
     if g.bits is not None:
-        if "lm_head" in g.quantized and not g.int8_op:
+        if "lm_head" in g.quantized and not g.block_op:
             k, n = w["lm_head"].shape
             out = g.one("MatMulNBits", [h, *g.quantized["lm_head"]], domain=MS, K=k, N=n,
                         bits=g.bits, block_size=g.block, accuracy_level=g.accuracy_level)

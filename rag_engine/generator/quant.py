@@ -79,3 +79,29 @@ def pack_f32_panels(w: np.ndarray, panel: int = 32) -> np.ndarray:
     out = np.zeros((k, panels * panel), np.float32)
     out[:, :n] = w
     return np.ascontiguousarray(out.reshape(k, panels, panel).transpose(1, 0, 2))
+
+
+def pack_int4_vnni(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` ``[K, N]`` fp32 -> (q uint8, scales fp32) for ``ai.rag_engine::MatMulInt4Block``.
+
+    The values and scales of :func:`quantize_blockwise` with 4 bits (MatMulNBits' weights),
+    laid out for VNNI (csrc/ortops/qgemm_int8.h): columns in groups of 16, each block as
+    ``block/8`` runs of 64 bytes in which column c's dword j-th byte holds k = 8r + j (low
+    nibble) and k = 8r + 4 + j (high nibble). q ``[groups, blocks, block/8, 16, 4]``, scales
+    ``[groups, blocks, 16]``.
+    """
+    if block < 8 or block % 8:
+        raise ValueError(f"block must be a positive multiple of 8, got {block}")
+    packed, scales = quantize_blockwise(w, 4, block)  # [N, nb, block/2]: k even low nibble
+    n, nb, _ = packed.shape
+    groups = -(-n // 16)
+    values = np.full((groups * 16, nb, block), 8, np.uint8)  # padding: weight 0
+    values[:n, :, 0::2] = packed & 0x0F
+    values[:n, :, 1::2] = packed >> 4
+    runs = values.reshape(groups * 16, nb, block // 8, 2, 4)  # [..., r, low/high half, j]
+    q = (runs[..., 0, :] | (runs[..., 1, :] << 4)).astype(np.uint8)  # [N16, nb, runs, 4]
+    q = q.reshape(groups, 16, nb, block // 8, 4).transpose(0, 2, 3, 1, 4)
+    s = np.ones((groups * 16, nb), np.float32)
+    s[:n] = scales
+    s = s.reshape(groups, 16, nb).transpose(0, 2, 1)
+    return np.ascontiguousarray(q), np.ascontiguousarray(s)
