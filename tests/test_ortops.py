@@ -503,3 +503,52 @@ def test_int4_pack_layout_and_errors():
     with pytest.raises(Exception, match=r"MatMulInt4Block: q must hold 512 elements"):
         run(session(np.ones((64, 16), np.float32), 32, bits=4, q_override=np.zeros(1024, np.uint8)),
             np.ones((1, 64), np.float32))
+
+
+def test_tiny_activation_blocks_are_zero_blocks():
+    """A block whose absmax is below 1e-36 (127 / absmax would overflow) contributes zero, on both
+    paths alike; the other blocks of the row are unaffected."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((128, 32)).astype(np.float32)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    x[0, :64] = rng.standard_normal(64).astype(np.float32) * 1e-38  # first block tiny (subnormal/normal)
+    x[1] = 1e-37
+    outs = {}
+    for path in PATHS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAG_ENGINE_ISA", path)
+            for bits, block in ((8, 64), (4, 32)):
+                outs[path, bits] = run(session(w, block, bits=bits), x)
+    for (_path, bits), y in outs.items():
+        np.testing.assert_array_equal(y, outs["scalar", bits])
+        assert (y[1] == 0).all() and np.isfinite(y).all()
+        x_rest = x[0].copy()
+        x_rest[:64] = 0
+        np.testing.assert_array_equal(y[0], run(session(w, 64 if bits == 8 else 32, bits=bits), x_rest[None])[0])
+
+
+def test_attention_rejects_a_gap_after_an_unbound_past():
+    """With a present that is not the past buffer, new tokens must follow the past directly."""
+    rng = np.random.default_rng(14)
+    sess = attention_session(4, 2, False)
+    feeds = attention_feeds(rng, 1, 1, 4, 2, 16, 4, [64], 0)  # past of 4 positions, token at 63
+    with pytest.raises(Exception, match=r"DecoderAttention: row 0's 1 new tokens start at position 63, past the 4 "
+                                        r"positions of past_key"):
+        sess.run(None, feeds)
+
+
+def test_missing_attributes():
+    """DecoderAttention's scale and do_rotary default as GroupQueryAttention's (0); a missing
+    required attribute is an error naming the op and the attribute."""
+    node = helper.make_node("DecoderAttention", ["qkv", "pk", "pv", "sl", "t"], ["o", "k", "v"], domain=ortops.DOMAIN,
+                            num_heads=4, kv_num_heads=2)
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    sess = one_node_session(node, {"qkv": f, "pk": f, "pv": f, "sl": i32, "t": i32}, ["o", "k", "v"])
+    feeds = attention_feeds(np.random.default_rng(15), 2, 3, 4, 2, 16, 3, [3, 2], 0)
+    out = sess.run(None, dict(zip(["qkv", "pk", "pv", "sl", "t"], [feeds[n] for n in
+                                                                  ("qkv", "past_key", "past_value", "seqlens_k", "total")])))[0]
+    ref = attention_reference(feeds["qkv"], feeds["past_key"], feeds["past_value"], feeds["seqlens_k"], feeds["total"], 4, 2)[0]
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=2e-5)
+    bad = helper.make_node("MatMulInt8Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN, N=16, block_size=64)
+    with pytest.raises(Exception, match="MatMulInt8Block: the node needs the int attribute 'K'"):
+        one_node_session(bad, {"x": f, "q": TensorProto.UINT8, "s": f}, ["y"])

@@ -92,9 +92,9 @@ struct DecoderAttention {
   bool rotary, avx512;
 
   explicit DecoderAttention(const ort::KernelInfo* info)
-      : heads(ort::attribute_int(info, "num_heads")), kv_heads(ort::attribute_int(info, "kv_num_heads")),
-        scale(ort::attribute_float(info, "scale")), rotary(ort::attribute_int(info, "do_rotary") != 0),
-        avx512(use_avx512()) {
+      : heads(ort::attribute_int(kName, info, "num_heads")), kv_heads(ort::attribute_int(kName, info, "kv_num_heads")),
+        scale(ort::attribute_float(kName, info, "scale", 0.0f)),
+        rotary(ort::attribute_int(kName, info, "do_rotary", 0) != 0), avx512(use_avx512()) {
     if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0 || !(scale >= 0.0f) || std::isinf(scale))
       ort::fail(kName, "attributes must be num_heads >= 1 a multiple of kv_num_heads >= 1 and scale >= 0, got " +
                            std::to_string(heads) + ", " + std::to_string(kv_heads) + ", " + std::to_string(scale));
@@ -152,7 +152,15 @@ struct DecoderAttention {
     const std::vector<int64_t> present_dims{batch, kv_heads, cache_len, d};
     p.key = static_cast<float*>(ort::output(ctx, 1, present_dims));
     p.value = static_cast<float*>(ort::output(ctx, 2, present_dims));
-    // Not bound in place: the present buffers start as a copy of the past.
+    // Not bound in place: the present buffers start as a copy of the past, and a row's new
+    // tokens must follow its past directly (positions [past, start) would hold no keys).
+    if (p.key != past_k.data || p.value != past_v.data)
+      for (int64_t b = 0; b < batch; ++b)
+        if (first_position(p, b) > past_len)
+          ort::fail(kName, "row " + std::to_string(b) + "'s " + std::to_string(seq) + " new tokens start at position " +
+                               std::to_string(first_position(p, b)) + ", past the " + std::to_string(past_len) +
+                               " positions of past_key (seqlens_k[b] + 1 must be <= past + seq unless the present "
+                               "is bound to the past buffer)");
     const std::pair<float*, const ort::Tensor*> pairs[2] = {{p.key, &past_k}, {p.value, &past_v}};
     for (const auto& [present, past] : pairs) {
       if (present != past->data)

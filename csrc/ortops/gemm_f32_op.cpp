@@ -21,7 +21,8 @@ bool use_avx512() {
 #if defined(__x86_64__)
   static const bool cpu = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");  // the flags gemm_f32_avx512.cpp is built with
   }();
   const char* env = std::getenv("RAG_ENGINE_ISA");
   return cpu && !(env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2"));
@@ -56,7 +57,8 @@ struct MatMulF32Panels {
   bool avx512;
 
   explicit MatMulF32Panels(const ort::KernelInfo* info)
-      : k(ort::attribute_int(info, "K")), n(ort::attribute_int(info, "N")), panels(0), avx512(use_avx512()) {
+      : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")), panels(0),
+        avx512(use_avx512()) {
     if (k < 1 || n < 1)
       ort::fail(kName, "attributes must be K >= 1 and N >= 1, got K=" + std::to_string(k) + " N=" + std::to_string(n));
     panels = (n + kPanel - 1) / kPanel;

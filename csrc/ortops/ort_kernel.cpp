@@ -59,16 +59,23 @@ void* output(KernelContext* ctx, size_t index, const std::vector<int64_t>& dims)
   return data;
 }
 
-int64_t attribute_int(const KernelInfo* info, const char* name) {
-  int64_t value = 0;
-  check(api_fn<Status* (*)(const KernelInfo*, const char*, int64_t*)>(g_api, kKernelInfoGetAttributeInt64)(info, name, &value));
-  return value;
+template <class T>
+static T attribute(const char* op, const KernelInfo* info, const char* name, std::optional<T> fallback, Slot slot,
+                   const char* type) {
+  T value{};
+  Status* st = api_fn<Status* (*)(const KernelInfo*, const char*, T*)>(g_api, slot)(info, name, &value);
+  if (st == nullptr) return value;
+  api_fn<void (*)(Status*)>(g_api, kReleaseStatus)(st);
+  if (fallback) return *fallback;
+  fail(op, std::string("the node needs the ") + type + " attribute '" + name + "'");
 }
 
-float attribute_float(const KernelInfo* info, const char* name) {
-  float value = 0;
-  check(api_fn<Status* (*)(const KernelInfo*, const char*, float*)>(g_api, kKernelInfoGetAttributeFloat)(info, name, &value));
-  return value;
+int64_t attribute_int(const char* op, const KernelInfo* info, const char* name, std::optional<int64_t> fallback) {
+  return attribute<int64_t>(op, info, name, fallback, kKernelInfoGetAttributeInt64, "int");
+}
+
+float attribute_float(const char* op, const KernelInfo* info, const char* name, std::optional<float> fallback) {
+  return attribute<float>(op, info, name, fallback, kKernelInfoGetAttributeFloat, "float");
 }
 
 void parallel_for(KernelContext* ctx, void (*fn)(void*, size_t), size_t total, void* data) {

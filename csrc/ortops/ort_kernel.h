@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,8 +40,11 @@ struct Tensor {
 // input has value == nullptr).
 Tensor input(const char* op, KernelContext* ctx, size_t index, bool required = true);
 void* output(KernelContext* ctx, size_t index, const std::vector<int64_t>& dims);
-int64_t attribute_int(const KernelInfo* info, const char* name);
-float attribute_float(const KernelInfo* info, const char* name);
+// A node attribute; a missing one is `fallback` when given, else an error naming the op.
+int64_t attribute_int(const char* op, const KernelInfo* info, const char* name,
+                      std::optional<int64_t> fallback = std::nullopt);
+float attribute_float(const char* op, const KernelInfo* info, const char* name,
+                      std::optional<float> fallback = std::nullopt);
 // Runs fn(data, i) for i in [0, total) on the session's intra-op thread pool.
 void parallel_for(KernelContext* ctx, void (*fn)(void*, size_t), size_t total, void* data);
 std::string shape_str(const std::vector<int64_t>& dims);

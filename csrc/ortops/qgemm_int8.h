@@ -36,6 +36,11 @@ struct Weights {
 // shift give the two VPDPBUSD operands for k 8r..8r+3 and 8r+4..8r+7.
 //   q uint8 [groups, blocks, block / 8, 16, 4]
 inline int zero_point(int bits) { return bits == 8 ? 128 : 8; }
+
+// Activation blocks whose absmax is below this are quantised as zero blocks: 127 / absmax
+// overflows below 127 / FLT_MAX = 3.7e-37 (this leaves a factor 2.7 of margin), and such a
+// block contributes less than 1e-36 per unit weight.
+constexpr float kSmallestAbsmax = 1e-36f;
 inline int64_t block_bytes(const Weights& w) { return w.block * 16 * w.bits / 8; }  // per (group, block)
 
 // Activations quantised for one call: xq [m, blocks * block] int8 (zero past k), xs and

@@ -31,7 +31,8 @@ void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights&
         bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
         amax = _mm512_max_ps(amax, v);
       }
-      const float top = bad ? 0.f : _mm512_reduce_max_ps(amax);
+      float top = bad ? 0.f : _mm512_reduce_max_ps(amax);
+      if (!(top >= kSmallestAbsmax)) top = 0.f;  // 127 / top would overflow: a zero block
       const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
       a.xs[m * w.blocks + b] = bad ? std::numeric_limits<float>::quiet_NaN() : top / 127.f;
       __m512i sum = _mm512_setzero_si512();

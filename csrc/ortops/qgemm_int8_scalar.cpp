@@ -21,7 +21,7 @@ void quantize_rows_scalar(const float* x, int64_t m0, int64_t m1, const Weights&
         bad |= !std::isfinite(row[k]);
         amax = std::max(amax, std::fabs(row[k]));
       }
-      if (bad) amax = 0.f;
+      if (bad || !(amax >= kSmallestAbsmax)) amax = 0.f;  // 127 / amax would overflow: a zero block
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       a.xs[m * w.blocks + b] = bad ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
       int8_t* out = a.xq + m * stride + k0;

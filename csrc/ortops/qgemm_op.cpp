@@ -80,7 +80,8 @@ struct MatMulBlock {
   bool vnni = false;
 
   explicit MatMulBlock(const ort::KernelInfo* info)
-      : k(ort::attribute_int(info, "K")), n(ort::attribute_int(info, "N")), block(ort::attribute_int(info, "block_size")) {
+      : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")),
+        block(ort::attribute_int(kName, info, "block_size")) {
     if (k < 1 || n < 1 || block < kBlockMultiple || block % kBlockMultiple != 0)
       ort::fail(kName, "attributes must be K >= 1, N >= 1 and block_size a positive multiple of " +
                            std::to_string(kBlockMultiple) + ", got K=" + std::to_string(k) + " N=" + std::to_string(n) +
