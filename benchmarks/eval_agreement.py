@@ -32,7 +32,8 @@ VARIANTS = {
     "int8 (MatMulInt8Block)": dict(precision="int8", custom_ops=True),
     "int8 (MatMulNBits)": dict(precision="int8", custom_ops=False),
     "int8 dynamic": dict(precision="int8", int8_method="dynamic"),
-    "int4 (MatMulNBits)": dict(precision="int4"),
+    "int4 (MatMulInt4Block)": dict(precision="int4", custom_ops=True),
+    "int4 (MatMulNBits)": dict(precision="int4", custom_ops=False),
 }
 
 
