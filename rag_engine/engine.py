@@ -46,6 +46,9 @@ class EngineConfig:
     generator: str = "default"
     generator_precision: str = "fp32"
     generator_int8_method: str = "nbits"  # or "dynamic" (faster, less faithful: see README)
+    # rag_engine's own ONNX Runtime ops in the generator (None: where the CPU has AVX-512 VNNI;
+    # False: ONNX Runtime's ops only). See ExportConfig.custom_ops.
+    generator_custom_ops: bool | None = None
     index_dtype: str = "fp32"
     # Measured on benchmarks/eval_qa.py: 256-token passages beat 128 in recall@1 (0.62 vs 0.54,
     # hybrid) and answer accuracy (0.27 vs 0.22, SmolLM2-135M, top-1 passage in the prompt).
@@ -81,6 +84,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig: {name} must be one of {allowed}, got {value!r}")
         if self.k < 0:
             raise ValueError(f"EngineConfig: k must be >= 0, got {self.k}")
+        if self.generator_custom_ops is not None and type(self.generator_custom_ops) is not bool:
+            raise ValueError(f"EngineConfig: generator_custom_ops must be a bool or None, got {self.generator_custom_ops!r}")
         ChunkConfig(self.passage_tokens, self.overlap_tokens)  # validates
 
 
@@ -142,7 +147,8 @@ class Engine:
     def _load_generator(config: EngineConfig) -> Generator:
         return Generator.from_pretrained(config.generator, precision=config.generator_precision,
                                          threads=config.threads, cache_dir=config.cache_dir,
-                                         int8_method=config.generator_int8_method)
+                                         int8_method=config.generator_int8_method,
+                                         custom_ops=config.generator_custom_ops)
 
     @property
     def generator(self) -> Generator:

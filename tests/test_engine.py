@@ -526,3 +526,16 @@ def test_concurrent_adds_and_searches(encoder, cache_dir):
     assert not errors
     assert len(added) == 15 and len(set(added)) == 15  # generated ids never collide across threads
     assert eng.index.num_documents == 16
+
+
+def test_generator_custom_ops_setting(monkeypatch):
+    """EngineConfig.generator_custom_ops reaches Generator.from_pretrained (validated up front)."""
+    from rag_engine.generator import Generator
+
+    seen = {}
+    monkeypatch.setattr(Generator, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw) or "gen"))
+    for value in (None, True, False):
+        assert Engine._load_generator(EngineConfig(generator_custom_ops=value)) == "gen"
+        assert seen["custom_ops"] is value
+    with pytest.raises(ValueError, match="generator_custom_ops must be a bool or None, got 'yes'"):
+        EngineConfig(generator_custom_ops="yes")
