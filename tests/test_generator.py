@@ -215,3 +215,23 @@ def test_logprobs_are_raw_log_softmax(gen_cache):
     assert set(first) == set(top4.tolist())
     for tok, lp in first.items():
         assert lp == pytest.approx(ref[tok], abs=1e-4)
+
+
+def test_sliding_window_model_keeps_group_query_attention(gen_cache):
+    """DecoderAttention has no local window: a Mistral-style sliding-window model keeps ONNX
+    Runtime's GroupQueryAttention even with custom ops (the GEMMs are still ours) and matches HF."""
+    import onnx
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=8, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    gen = Generator.from_hf(model, cache_dir=gen_cache, export_config=ExportConfig(custom_ops=True))
+    ops = {n.op_type for n in onnx.load(gen.session.folder / "model.onnx", load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "DecoderAttention" not in ops and "MatMulF32Panels" in ops
+    ids = list(range(5, 25))  # longer than the window
+    out = gen.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert list(out) == ref.tolist()
