@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--int8-method", default="nbits", choices=("nbits", "dynamic"))
+    p.add_argument("--ort-ops", action="store_true", help="generator on ONNX Runtime's ops only (custom_ops=False)")
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--answer-configs", default="none,concat1,concat2,rag_token2",
                    help="comma list of none | concat<k> | rag_token<k> | rag_sequence<k>")
@@ -103,7 +104,8 @@ def main() -> None:
     args = p.parse_args()
     qa = load_qa(args.limit)
     ok = containing_topics()
-    eng = build_engine(args.passage_tokens, args.overlap, args.precision, args.int8_method)
+    eng = build_engine(args.passage_tokens, args.overlap, args.precision, args.int8_method,
+                       **({"generator_custom_ops": False} if args.ort_ops else {}))
     questions = [item["question"] for item in qa]
     result = {"questions": len(qa), "passage_tokens": args.passage_tokens, "overlap": args.overlap,
               "retrieval": {}, "answers": {}}
