@@ -198,9 +198,10 @@ class SoftPromptGenerator(Generator):
 
     @classmethod
     def from_hf(cls, model, tokenizer=None, precision: str = "fp32", threads: int | None = None,
-                cache_dir=None, progress: bool = False, **kwargs) -> SoftPromptGenerator:
+                cache_dir=None, progress: bool = False, int8_method: str = "nbits", custom_ops: bool | None = None,
+                **kwargs) -> SoftPromptGenerator:
         """Export an in-memory transformers causal LM with inputs_embeds (cached by content hash)."""
-        config = ExportConfig(precision=precision, inputs_embeds=True)
+        config = ExportConfig(precision=precision, inputs_embeds=True, int8_method=int8_method, custom_ops=custom_ops)
         export = cached_export(model_key(model), lambda: model, config, cache_dir, progress)
         embed = model.get_input_embeddings().weight.detach().float().numpy().copy()
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -284,8 +285,9 @@ def latent_generator(eng) -> SoftPromptGenerator:
                          "and load the index it writes")
     if eng.latent_generator is None:
         c = eng.config
-        eng.latent_generator = SoftPromptGenerator.from_pretrained(c.generator, c.generator_precision, c.threads,
-                                                                   c.cache_dir)
+        eng.latent_generator = SoftPromptGenerator.from_pretrained(
+            c.generator, c.generator_precision, c.threads, c.cache_dir,
+            int8_method=c.generator_int8_method, custom_ops=c.generator_custom_ops)
     gen = eng.latent_generator
     weights.check_generator(gen.fingerprint, gen.spec_hidden)
     return gen

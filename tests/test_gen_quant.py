@@ -161,3 +161,15 @@ def test_custom_ops_export_needs_the_library_to_load(monkeypatch, gen_quant_cach
         (old / name).symlink_to(folder / name)
     (old / MANIFEST).write_text(json.dumps(manifest))
     assert read_manifest(old)[1].custom_ops is False
+
+
+def test_block_ops_only_at_accuracy_level_4(gen_quant_cache):
+    """MatMulInt{4,8}Block quantise activations to int8 as MatMulNBits does at accuracy_level 4;
+    other levels keep MatMulNBits (the attention op still applies)."""
+    model = tiny_model("llama", seed=7)
+    for level, block_op in ((4, True), (0, False)):
+        gen = Generator.from_hf(model, cache_dir=gen_quant_cache,
+                                export_config=ExportConfig(precision="int8", accuracy_level=level, custom_ops=True))
+        ops = {n.op_type for n in onnx.load(gen.session.folder / "model.onnx", load_external_data=False).graph.node}
+        assert ("MatMulInt8Block" in ops) == block_op and ("MatMulNBits" in ops) != block_op
+        assert "DecoderAttention" in ops

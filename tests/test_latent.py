@@ -235,3 +235,24 @@ def test_latent_without_weights_is_a_clear_error(latent_engine):
     latent_engine.latent = None
     with pytest.raises(ValueError, match="needs trained latent weights"):
         latent_engine.generate(["How do I read a file?"], GREEDY, k=2, mode="latent")
+
+
+def test_latent_generator_follows_the_engine_generator_settings(monkeypatch):
+    """mode='latent' builds its soft-prompt generator with the engine's int8 method and custom ops."""
+    from types import SimpleNamespace
+
+    from rag_engine import latent
+    from rag_engine.engine import EngineConfig
+
+    seen = {}
+
+    def fake(cls, *args, **kwargs):
+        seen.update(kwargs, args=args)
+        return SimpleNamespace(fingerprint="f", spec_hidden=4)
+
+    monkeypatch.setattr(latent.SoftPromptGenerator, "from_pretrained", classmethod(fake))
+    eng = SimpleNamespace(latent=SimpleNamespace(check_generator=lambda f, h: None), latent_generator=None,
+                          config=EngineConfig(generator_precision="int8", generator_int8_method="dynamic",
+                                              generator_custom_ops=False))
+    latent.latent_generator(eng)
+    assert seen["custom_ops"] is False and seen["int8_method"] == "dynamic" and seen["args"][1] == "int8"

@@ -53,7 +53,8 @@ class ExportConfig:
     custom_ops: use rag_engine's own ONNX Runtime ops (``ortops.py``, csrc/ortops) where they
     apply: DecoderAttention instead of GroupQueryAttention (packed QKV: not with explicit_rotary
     or a sliding window); for ``int8`` (``int8_method="nbits"``) and ``int4``, MatMulInt8Block /
-    MatMulInt4Block instead of MatMulNBits (the same weights); for ``fp32``, MatMulF32Panels
+    MatMulInt4Block instead of MatMulNBits (the same weights; at accuracy_level 4, whose int8
+    activations they share); for ``fp32``, MatMulF32Panels
     instead of the layers' MatMuls. None: when the op library is built and the CPU has
     AVX-512 VNNI; True: the library must be built; False: only ONNX Runtime's own ops (a
     portable export). Resolved on construction.
@@ -103,9 +104,11 @@ class ExportConfig:
         return None
 
 
-def export_model(model, out_dir: str | os.PathLike, config: ExportConfig = ExportConfig(),
+def export_model(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,
                  progress: bool = True) -> Path:
-    """Write the ONNX export of ``model`` (a transformers ``*ForCausalLM``) into ``out_dir``."""
+    """Write the ONNX export of ``model`` (a transformers ``*ForCausalLM``) into ``out_dir``
+    (``config`` None: ``ExportConfig()`` as resolved now)."""
+    config = ExportConfig() if config is None else config
     import onnx
 
     from rag_engine.generator.graph import build_graph

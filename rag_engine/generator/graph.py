@@ -47,7 +47,9 @@ class _Graph:
         self._consts: set[str] = set()
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
         self.custom_ops = custom_ops  # DecoderAttention instead of GroupQueryAttention where it applies
-        self.block_op = custom_ops and bits in (4, 8)  # MatMulInt{bits}Block instead of MatMulNBits
+        # MatMulInt{bits}Block instead of MatMulNBits: it always quantises activations to int8,
+        # as MatMulNBits does at accuracy_level 4 (other levels keep MatMulNBits)
+        self.block_op = custom_ops and bits in (4, 8) and accuracy_level == 4
         self.f32_op = f32_op and bits is None  # MatMulF32Panels instead of MatMul
         self.domains: set[str] = set()
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
@@ -246,7 +248,8 @@ def _embed(g: _Graph, spec: DecoderSpec, w: dict, tied: bool) -> str:
     """Token embedding lookup; quantised graphs gather from the block-quantised table.
 
     A tied model shares that table with the (quantised) lm_head MatMulNBits, so the
-    embedding is stored once.
+    embedding is stored once; with MatMulInt{4,8}Block the lm_head keeps its own copy in
+    their layout (GatherBlockQuantized reads only MatMulNBits' layout).
     """
     if g.bits is None or spec.hidden_size % g.block:
         return g.one("Gather", [g.init("embed", w["embed"]), "input_ids"], axis=0)
