@@ -121,17 +121,19 @@ def test_matches_reference(isa, k, n, block):
         assert np.all(np.abs(y - ref) <= bound), (shape, np.abs(y - ref).max())
 
 
-def test_paths_agree_bitwise(monkeypatch):
-    if len(PATHS) < 2:
-        pytest.skip("this CPU has no AVX-512 VNNI: only the portable path runs")
-    rng = np.random.default_rng(5)
-    w = (rng.standard_normal((300, 70)) * 0.1).astype(np.float32)
-    x = rng.standard_normal((11, 300)).astype(np.float32)
+@pytest.mark.parametrize(("bits", "block"), [(8, 64), (4, 32)])
+def test_paths_and_threads_agree_bitwise_and_match_matmulnbits(monkeypatch, bits, block):
+    rng = np.random.default_rng(5 + bits)
+    w = (rng.standard_normal((320, 70)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((11, 320)).astype(np.float32)
     outs = []
     for path in PATHS:
         monkeypatch.setenv("RAG_ENGINE_ISA", path)
-        outs.append(run(session(w, 64), x))
-    np.testing.assert_array_equal(outs[0], outs[1])
+        outs += [run(session(w, block, bits=bits, threads=t), x) for t in (1, 3)]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0])
+    theirs = run(session(w, block, bits=bits, nbits=True), x)  # same weights and activation quantisation
+    np.testing.assert_allclose(outs[0], theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -469,20 +471,6 @@ def test_int4_matches_reference(isa, k, n, block):
         y = run(sess, x)
         ref, bound = reference(x, w, block, bits=4)
         assert y.shape == (*shape[:-1], n) and np.all(np.abs(y - ref) <= bound), (shape, np.abs(y - ref).max())
-
-
-def test_int4_paths_agree_bitwise_and_match_matmulnbits(monkeypatch):
-    rng = np.random.default_rng(11)
-    w = (rng.standard_normal((320, 70)) * 0.1).astype(np.float32)
-    x = rng.standard_normal((11, 320)).astype(np.float32)
-    outs = []
-    for path in PATHS:
-        monkeypatch.setenv("RAG_ENGINE_ISA", path)
-        outs += [run(session(w, 32, bits=4, threads=t), x) for t in (1, 3)]
-    for other in outs[1:]:
-        np.testing.assert_array_equal(other, outs[0])
-    theirs = run(session(w, 32, bits=4, nbits=True), x)  # same weights and activation quantisation
-    np.testing.assert_allclose(outs[0], theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
 
 
 def test_int4_pack_layout_and_errors():
