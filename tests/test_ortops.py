@@ -540,3 +540,40 @@ def test_missing_attributes():
     bad = helper.make_node("MatMulInt8Block", ["x", "q", "s"], ["y"], domain=ortops.DOMAIN, N=16, block_size=64)
     with pytest.raises(Exception, match="MatMulInt8Block: the node needs the int attribute 'K'"):
         one_node_session(bad, {"x": f, "q": TensorProto.UINT8, "s": f}, ["y"])
+
+
+# ---- swiglu epilogue (MatMulInt{8,4}Block, MatMulF32Panels) -------------------------------
+
+
+def swiglu_session(op: str, w: np.ndarray, swiglu: int):
+    from rag_engine.generator.quant import pack_f32_panels
+
+    k, n = w.shape
+    if op == "MatMulF32Panels":
+        inits = [numpy_helper.from_array(pack_f32_panels(w), "w")]
+        node = helper.make_node(op, ["x", "w"], ["y"], domain=ortops.DOMAIN, K=k, N=n, swiglu=swiglu)
+    else:
+        bits, block = (8, 64) if op == "MatMulInt8Block" else (4, 32)
+        q, s = (pack_int8_vnni if bits == 8 else pack_int4_vnni)(w, block)
+        inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")]
+        node = helper.make_node(op, ["x", "q", "s"], ["y"], domain=ortops.DOMAIN, K=k, N=n, block_size=block,
+                                swiglu=swiglu)
+    return one_node_session(node, {"x": TensorProto.FLOAT}, ["y"], inits)
+
+
+@pytest.mark.parametrize("op", ["MatMulInt8Block", "MatMulInt4Block", "MatMulF32Panels"])
+def test_swiglu_epilogue(isa, op):
+    """swiglu=1: the N columns are (gate, up) pairs of 16; Y = silu(gate) * up of the plain products."""
+    rng = np.random.default_rng(16)
+    w = (rng.standard_normal((96, 96)) * 0.2).astype(np.float32)
+    fused, plain = swiglu_session(op, w, 1), swiglu_session(op, w, 0)
+    for shape in [(1, 96), (3, 96), (9, 96), (2, 5, 96)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        z = run(plain, x).astype(np.float64).reshape(*shape[:-1], 3, 2, 16)
+        gate, up = z[..., 0, :], z[..., 1, :]
+        ref = (gate / (1 + np.exp(-gate)) * up).reshape(*shape[:-1], 48)
+        y = run(fused, x)
+        assert y.shape == (*shape[:-1], 48)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(Exception, match=f"{op}: swiglu=1 needs N .* a multiple of 32, got N=48"):
+        swiglu_session(op, w[:, :48].copy(), 1)

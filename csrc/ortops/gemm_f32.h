@@ -23,4 +23,10 @@ struct Problem {
 void panels_scalar(const Problem& pr, int64_t p0, int64_t p1);
 void panels_avx512(const Problem& pr, int64_t p0, int64_t p1);
 
+// SwiGLU epilogue shared by the GEMM ops (attribute swiglu=1): z [m, ldz] holds pairs of
+// 16-column units (gate, up); y[r, 16 p + c] = silu(z[r, 32 p + c]) * z[r, 32 p + 16 + c]
+// for pairs p in [p0, p1), silu(g) = g / (1 + exp(-g)).
+void swiglu_scalar(const float* z, int64_t ldz, float* y, int64_t ldy, int64_t m, int64_t p0, int64_t p1);
+void swiglu_avx512(const float* z, int64_t ldz, float* y, int64_t ldy, int64_t m, int64_t p0, int64_t p1);
+
 }  // namespace rag_engine::gemm_f32

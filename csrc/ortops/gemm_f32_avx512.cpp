@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "../cpu/simd_math.h"
 #include "gemm_f32.h"
 
 namespace rag_engine::gemm_f32 {
@@ -52,6 +53,17 @@ void panels_avx512(const Problem& pr, int64_t p0, int64_t p1) {
       default: break;
     }
   }
+}
+
+void swiglu_avx512(const float* z, int64_t ldz, float* y, int64_t ldy, int64_t m, int64_t p0, int64_t p1) {
+  using S = SimdAvx512;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t p = p0; p < p1; ++p) {
+      const __m512 g = _mm512_loadu_ps(z + r * ldz + 32 * p), u = _mm512_loadu_ps(z + r * ldz + 32 * p + 16);
+      const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(one, S::exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_storeu_ps(y + r * ldy + 16 * p, _mm512_mul_ps(sig, u));
+    }
 }
 
 }  // namespace rag_engine::gemm_f32

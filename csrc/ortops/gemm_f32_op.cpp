@@ -2,7 +2,8 @@
 //
 //   inputs:  A fp32 [..., K]; W fp32 [ceil(N / 32), K, 32] (panels)
 //   outputs: Y fp32 [..., N]
-//   attributes: K, N
+//   attributes: K, N, swiglu (optional, 0: with 1 the N columns are pairs of 16 (gate, up) and
+//               Y [..., N / 2] = silu(gate) * up)
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -34,6 +35,7 @@ bool use_avx512() {
 struct Task {
   const Problem* pr;
   int64_t panels;
+  float* act;  // swiglu: the output [m, n / 2] (pr->y holds the gate/up products)
   bool avx512;
 };
 
@@ -44,6 +46,12 @@ void run_task(void* data, size_t index) {
     panels_avx512(*t.pr, p0, p1);
   else
     panels_scalar(*t.pr, p0, p1);
+  if (t.act != nullptr) {  // a panel of 32 columns is one (gate, up) pair
+    if (t.avx512)
+      swiglu_avx512(t.pr->y, t.pr->n, t.act, t.pr->n / 2, t.pr->m, p0, p1);
+    else
+      swiglu_scalar(t.pr->y, t.pr->n, t.act, t.pr->n / 2, t.pr->m, p0, p1);
+  }
 }
 
 }  // namespace
@@ -54,13 +62,16 @@ struct MatMulF32Panels {
   static constexpr int kInputTypes[kInputs] = {ort::kFloat, ort::kFloat};
 
   int64_t k, n, panels;
-  bool avx512;
+  bool avx512, swiglu;
 
   explicit MatMulF32Panels(const ort::KernelInfo* info)
       : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")), panels(0),
-        avx512(use_avx512()) {
+        avx512(use_avx512()), swiglu(ort::attribute_int(kName, info, "swiglu", 0) != 0) {
     if (k < 1 || n < 1)
       ort::fail(kName, "attributes must be K >= 1 and N >= 1, got K=" + std::to_string(k) + " N=" + std::to_string(n));
+    if (swiglu && n % 32 != 0)
+      ort::fail(kName, "swiglu=1 needs N (gate and up columns, in pairs of 16) to be a multiple of 32, got N=" +
+                           std::to_string(n));
     panels = (n + kPanel - 1) / kPanel;
   }
 
@@ -72,11 +83,15 @@ struct MatMulF32Panels {
       ort::fail(kName, "W must hold " + std::to_string(panels * k * kPanel) + " floats ([ceil(N/32), K, 32]), got " +
                            w.shape());
     std::vector<int64_t> y_dims = a.dims;
-    y_dims.back() = n;
+    y_dims.back() = swiglu ? n / 2 : n;
     float* y = static_cast<float*>(ort::output(ctx, 0, y_dims));
-    const Problem pr{static_cast<const float*>(a.data), static_cast<const float*>(w.data), y, a.numel() / k, k, n};
+    const int64_t m = a.numel() / k;
+    thread_local std::vector<float> products;  // swiglu: gate and up before the epilogue
+    if (swiglu) products.resize(static_cast<size_t>(m * n));
+    const Problem pr{static_cast<const float*>(a.data), static_cast<const float*>(w.data),
+                     swiglu ? products.data() : y, m, k, n};
     if (pr.m == 0) return;
-    Task task{&pr, panels, avx512};
+    Task task{&pr, panels, swiglu ? y : nullptr, avx512};
     ort::parallel_for(ctx, run_task, static_cast<size_t>((panels + kPanelsPerTask - 1) / kPanelsPerTask), &task);
   }
 };

@@ -21,4 +21,13 @@ void panels_scalar(const Problem& pr, int64_t p0, int64_t p1) {
   }
 }
 
+void swiglu_scalar(const float* z, int64_t ldz, float* y, int64_t ldy, int64_t m, int64_t p0, int64_t p1) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < 16; ++c) {
+        const float g = z[r * ldz + 32 * p + c], u = z[r * ldz + 32 * p + 16 + c];
+        y[r * ldy + 16 * p + c] = g / (1.0f + std::exp(-g)) * u;
+      }
+}
+
 }  // namespace rag_engine::gemm_f32

@@ -3,7 +3,8 @@
 //
 //   inputs:  A fp32 [..., K]; q uint8 and scales fp32 in the layout of qgemm_int8.h
 //   outputs: Y fp32 [..., N]
-//   attributes: K, N, block_size
+//   attributes: K, N, block_size, swiglu (optional, 0: with 1 the N columns are pairs of 16
+//               (gate, up) and Y [..., N / 2] = silu(gate) * up, see gemm_f32.h)
 //
 // Work is shared out on the session's intra-op thread pool, so the op follows the
 // session's thread count.
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "gemm_f32.h"
 #include "ort_kernel.h"
 #include "qgemm_int8.h"
 
@@ -43,7 +45,8 @@ struct Task {
   const Weights* w;
   const Activations* a;
   const float* x;
-  float* y;
+  float* y;  // the op's output, or (swiglu) the [m, n] gate/up products
+  float* act;  // swiglu: the output [m, n / 2]
   bool vnni;
 };
 
@@ -55,6 +58,12 @@ void run_gemm_task(void* data, size_t index) {
     gemm_groups_avx512(*t.w, *t.a, g0, g1, t.y);
   else
     gemm_groups_scalar(*t.w, *t.a, g0, g1, t.y);
+  if (t.act != nullptr) {  // this task's (gate, up) pairs of 16 columns: groups g0..g1 (even)
+    if (t.vnni)
+      gemm_f32::swiglu_avx512(t.y, t.w->n, t.act, t.w->n / 2, t.a->m, g0 / 2, g1 / 2);
+    else
+      gemm_f32::swiglu_scalar(t.y, t.w->n, t.act, t.w->n / 2, t.a->m, g0 / 2, g1 / 2);
+  }
 }
 
 void run_quantize_task(void* data, size_t index) {
@@ -77,11 +86,14 @@ struct MatMulBlock {
   static constexpr int64_t kBlockMultiple = BITS == 8 ? 4 : 8;  // k per VNNI operand run
 
   int64_t k = 0, n = 0, block = 0, groups = 0, blocks = 0;
-  bool vnni = false;
+  bool vnni = false, swiglu = false;
 
   explicit MatMulBlock(const ort::KernelInfo* info)
       : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")),
-        block(ort::attribute_int(kName, info, "block_size")) {
+        block(ort::attribute_int(kName, info, "block_size")), swiglu(ort::attribute_int(kName, info, "swiglu", 0) != 0) {
+    if (swiglu && n % 32 != 0)
+      ort::fail(kName, "swiglu=1 needs N (gate and up columns, in pairs of 16) to be a multiple of 32, got N=" +
+                           std::to_string(n));
     if (k < 1 || n < 1 || block < kBlockMultiple || block % kBlockMultiple != 0)
       ort::fail(kName, "attributes must be K >= 1, N >= 1 and block_size a positive multiple of " +
                            std::to_string(kBlockMultiple) + ", got K=" + std::to_string(k) + " N=" + std::to_string(n) +
@@ -106,9 +118,11 @@ struct MatMulBlock {
     }
     const int64_t m = a_in.numel() / k;
     std::vector<int64_t> y_dims = a_in.dims;
-    y_dims.back() = n;
+    y_dims.back() = swiglu ? n / 2 : n;
     float* y = static_cast<float*>(ort::output(ctx, 0, y_dims));
     if (m == 0) return;
+    thread_local std::vector<float> products;  // swiglu: gate and up before the epilogue
+    if (swiglu) products.resize(static_cast<size_t>(m * n));
 
     const Weights w{static_cast<const uint8_t*>(parts[0].data), static_cast<const float*>(parts[1].data), k, n,
                     groups, blocks, block, BITS};
@@ -120,7 +134,7 @@ struct MatMulBlock {
     xs.resize(static_cast<size_t>(m * blocks));
     xsum.resize(static_cast<size_t>(m * blocks));
     const Activations a{xq.data(), xs.data(), xsum.data(), m};
-    Task task{&w, &a, static_cast<const float*>(a_in.data), y, vnni};
+    Task task{&w, &a, static_cast<const float*>(a_in.data), swiglu ? products.data() : y, swiglu ? y : nullptr, vnni};
     ort::parallel_for(ctx, run_quantize_task, static_cast<size_t>((m + kRowsPerTask - 1) / kRowsPerTask), &task);
     ort::parallel_for(ctx, run_gemm_task, static_cast<size_t>((groups + kGroupsPerTask - 1) / kGroupsPerTask), &task);
   }

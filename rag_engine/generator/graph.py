@@ -54,14 +54,15 @@ class _Graph:
         self.domains: set[str] = set()
         self.quantized: dict[str, tuple[str, str]] = {}  # weight key -> (packed, scales) names
 
-    def matmul(self, x: str, w: dict, key: str) -> str:
+    def matmul(self, x: str, w: dict, key: str, swiglu: bool = False) -> str:
         """``x @ w[key]`` — fp32 MatMul (or MatMulF32Panels), or MatMulNBits / MatMulInt{4,8}Block when quantised."""
         weight = w[key]
+        extra = dict(swiglu=1) if swiglu else {}  # our ops only: see _mlp
         if self.f32_op:
             self.domains.add(RAG_DOMAIN)
             k, n = weight.shape
             return self.one("MatMulF32Panels", [x, self.init(key + "_panels", pack_f32_panels(weight))],
-                            domain=RAG_DOMAIN, K=k, N=n)
+                            domain=RAG_DOMAIN, K=k, N=n, **extra)
         if self.bits is None:
             return self.one("MatMul", [x, self.init(key, weight)])
         if self.block_op:
@@ -70,7 +71,7 @@ class _Graph:
             k, n = weight.shape
             self.domains.add(RAG_DOMAIN)
             return self.one(f"MatMulInt{self.bits}Block", [x, *names], domain=RAG_DOMAIN, K=k, N=n,
-                            block_size=self.block)
+                            block_size=self.block, **extra)
         packed, scales = quantize_blockwise(weight, self.bits, self.block)
         names = (self.init(key + "_q", packed), self.init(key + "_scales", scales))
         self.quantized[key] = names
@@ -175,6 +176,14 @@ def _mlp(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str) -> str:
         fc = g.matmul(h, w, p + "fc")
         gelu = "FastGelu" if spec.activation != "gelu" else "BiasGelu"
         act = g.one(gelu, [fc, g.init(p + "fc_b", w[p + "fc_b"])], domain=MS)
+        return g.matmul(act, w, p + "down")
+    inter = w[p + "gate"].shape[1]
+    if (g.f32_op or g.block_op) and inter % 16 == 0:
+        # our GEMM ops: one call over gate and up, interleaved in pairs of 16 columns, whose
+        # epilogue writes silu(gate) * up (no separate Sigmoid/Mul nodes, one pool pass)
+        gate_up = np.stack([w[p + "gate"].reshape(-1, inter // 16, 16), w[p + "up"].reshape(-1, inter // 16, 16)],
+                           axis=2).reshape(-1, 2 * inter)
+        act = g.matmul(h, {p + "gate_up": gate_up}, p + "gate_up", swiglu=True)
         return g.matmul(act, w, p + "down")
     # two MatMuls, not one fused [hidden, 2*inter] + Split: the Split node costs more than
     # the extra MatMul call at batch 1 (as in onnxruntime-genai's graphs)
