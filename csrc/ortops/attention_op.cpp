@@ -13,7 +13,6 @@
 //   attributes: num_heads, kv_num_heads, scale (0: 1/sqrt(head_dim)), do_rotary
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -24,20 +23,6 @@
 namespace rag_engine::attention {
 
 namespace {
-
-bool use_avx512() {
-#if defined(__x86_64__)
-  static const bool cpu = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  const char* env = std::getenv("RAG_ENGINE_ISA");
-  return cpu && !(env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2"));
-#else
-  return false;
-#endif
-}
 
 // New tokens per attention task: a long prompt's queries are shared out across threads.
 constexpr int64_t kTokensPerTask = 16;
@@ -94,7 +79,7 @@ struct DecoderAttention {
   explicit DecoderAttention(const ort::KernelInfo* info)
       : heads(ort::attribute_int(kName, info, "num_heads")), kv_heads(ort::attribute_int(kName, info, "kv_num_heads")),
         scale(ort::attribute_float(kName, info, "scale", 0.0f)),
-        rotary(ort::attribute_int(kName, info, "do_rotary", 0) != 0), avx512(use_avx512()) {
+        rotary(ort::attribute_int(kName, info, "do_rotary", 0) != 0), avx512(ort::use_avx512(/*vnni=*/false)) {
     if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0 || !(scale >= 0.0f) || std::isinf(scale))
       ort::fail(kName, "attributes must be num_heads >= 1 a multiple of kv_num_heads >= 1 and scale >= 0, got " +
                            std::to_string(heads) + ", " + std::to_string(kv_heads) + ", " + std::to_string(scale));

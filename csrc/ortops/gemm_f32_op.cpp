@@ -5,7 +5,6 @@
 //   attributes: K, N, swiglu (optional, 0: with 1 the N columns are pairs of 16 (gate, up) and
 //               Y [..., N / 2] = silu(gate) * up)
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -17,20 +16,6 @@ namespace rag_engine::gemm_f32 {
 namespace {
 
 constexpr int64_t kPanelsPerTask = 2;
-
-bool use_avx512() {
-#if defined(__x86_64__)
-  static const bool cpu = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");  // the flags gemm_f32_avx512.cpp is built with
-  }();
-  const char* env = std::getenv("RAG_ENGINE_ISA");
-  return cpu && !(env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2"));
-#else
-  return false;
-#endif
-}
 
 struct Task {
   const Problem* pr;
@@ -66,12 +51,9 @@ struct MatMulF32Panels {
 
   explicit MatMulF32Panels(const ort::KernelInfo* info)
       : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")), panels(0),
-        avx512(use_avx512()), swiglu(ort::attribute_int(kName, info, "swiglu", 0) != 0) {
+        avx512(ort::use_avx512(/*vnni=*/false)), swiglu(ort::swiglu_attribute(kName, info, n)) {
     if (k < 1 || n < 1)
       ort::fail(kName, "attributes must be K >= 1 and N >= 1, got K=" + std::to_string(k) + " N=" + std::to_string(n));
-    if (swiglu && n % 32 != 0)
-      ort::fail(kName, "swiglu=1 needs N (gate and up columns, in pairs of 16) to be a multiple of 32, got N=" +
-                           std::to_string(n));
     panels = (n + kPanel - 1) / kPanel;
   }
 

@@ -1,5 +1,7 @@
 #include "ort_kernel.h"
 
+#include <cstdlib>
+
 namespace rag_engine::ort {
 
 const Api* g_api = nullptr;
@@ -76,6 +78,31 @@ int64_t attribute_int(const char* op, const KernelInfo* info, const char* name, 
 
 float attribute_float(const char* op, const KernelInfo* info, const char* name, std::optional<float> fallback) {
   return attribute<float>(op, info, name, fallback, kKernelInfoGetAttributeFloat, "float");
+}
+
+bool use_avx512(bool vnni) {
+#if defined(__x86_64__)
+  static const bool avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  static const bool has_vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  const char* env = std::getenv("RAG_ENGINE_ISA");
+  const bool lower = env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2");
+  return (vnni ? has_vnni : avx512) && !lower;
+#else
+  (void)vnni;
+  return false;
+#endif
+}
+
+bool swiglu_attribute(const char* op, const KernelInfo* info, int64_t n) {
+  const bool swiglu = attribute_int(op, info, "swiglu", 0) != 0;
+  if (swiglu && n % 32 != 0)
+    fail(op, "swiglu=1 needs N (gate and up columns, in pairs of 16) to be a multiple of 32, got N=" +
+                 std::to_string(n));
+  return swiglu;
 }
 
 void parallel_for(KernelContext* ctx, void (*fn)(void*, size_t), size_t total, void* data) {

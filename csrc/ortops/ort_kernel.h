@@ -45,6 +45,15 @@ int64_t attribute_int(const char* op, const KernelInfo* info, const char* name,
                       std::optional<int64_t> fallback = std::nullopt);
 float attribute_float(const char* op, const KernelInfo* info, const char* name,
                       std::optional<float> fallback = std::nullopt);
+// Whether an op may take its AVX-512 path: the CPU has AVX-512 F/BW/VL (the flags every
+// *_avx512.cpp here is built with), plus VNNI when `vnni`, and RAG_ENGINE_ISA does not ask
+// for a lower path (scalar / avx2), as for rag_engine._C's kernels. Read at kernel creation.
+bool use_avx512(bool vnni);
+
+// The optional `swiglu` attribute of the GEMM ops (gemm_f32.h): with 1, the N columns are
+// (gate, up) pairs of 16, so N must be a multiple of 32.
+bool swiglu_attribute(const char* op, const KernelInfo* info, int64_t n);
+
 // Runs fn(data, i) for i in [0, total) on the session's intra-op thread pool.
 void parallel_for(KernelContext* ctx, void (*fn)(void*, size_t), size_t total, void* data);
 std::string shape_str(const std::vector<int64_t>& dims);

@@ -61,7 +61,4 @@ void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights&
 void gemm_groups_scalar(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y);
 void gemm_groups_avx512(const Weights& w, const Activations& a, int64_t g0, int64_t g1, float* y);
 
-// Whether this CPU runs the AVX-512 VNNI path (and RAG_ENGINE_ISA does not ask for another).
-bool use_avx512_vnni();
-
 }  // namespace rag_engine::qgemm

@@ -19,6 +19,10 @@ namespace rag_engine::qgemm {
 void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights& w, const Activations& a) {
   const int64_t stride = w.blocks * w.block;
   if (w.block % 16 != 0) return quantize_rows_scalar(x, m0, m1, w, a);
+  // lanes k..k+15 that lie inside the row (a block may run past K: zero padding)
+  const auto in_row = [&w](int64_t k) -> __mmask16 {
+    return k + 16 <= w.k ? 0xFFFF : k >= w.k ? 0 : static_cast<__mmask16>((1u << (w.k - k)) - 1);
+  };
   for (int64_t m = m0; m < m1; ++m) {
     const float* row = x + m * w.k;
     for (int64_t b = 0; b < w.blocks; ++b) {
@@ -26,7 +30,7 @@ void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights&
       __m512 amax = _mm512_setzero_ps();
       __mmask16 bad = 0;  // NaN or +-Inf
       for (int64_t k = k0; k < k0 + w.block; k += 16) {
-        const __mmask16 live = k + 16 <= w.k ? 0xFFFF : k >= w.k ? 0 : static_cast<__mmask16>((1u << (w.k - k)) - 1);
+        const __mmask16 live = in_row(k);
         const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, row + k));
         bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
         amax = _mm512_max_ps(amax, v);
@@ -37,7 +41,7 @@ void quantize_rows_avx512(const float* x, int64_t m0, int64_t m1, const Weights&
       a.xs[m * w.blocks + b] = bad ? std::numeric_limits<float>::quiet_NaN() : top / 127.f;
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = k0; k < k0 + w.block; k += 16) {
-        const __mmask16 live = k + 16 <= w.k ? 0xFFFF : k >= w.k ? 0 : static_cast<__mmask16>((1u << (w.k - k)) - 1);
+        const __mmask16 live = in_row(k);
         // a bad block has inv = 0 and NaN * 0 = NaN: mask those lanes to 0 (its scale is NaN anyway)
         const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + k), inv);
         const __m512i q = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);

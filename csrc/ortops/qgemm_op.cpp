@@ -9,7 +9,6 @@
 // Work is shared out on the session's intra-op thread pool, so the op follows the
 // session's thread count.
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -18,22 +17,6 @@
 #include "qgemm_int8.h"
 
 namespace rag_engine::qgemm {
-
-bool use_avx512_vnni() {
-#if defined(__x86_64__)
-  static const bool cpu = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  const char* env = std::getenv("RAG_ENGINE_ISA");
-  const bool forced_lower = env != nullptr && (std::string(env) == "scalar" || std::string(env) == "avx2");
-  return cpu && !forced_lower;
-#else
-  return false;
-#endif
-}
-
 namespace {
 
 // 64 columns a task: measured (30 x 576x3072, 2 threads) against 32, 128 and 256 columns
@@ -90,17 +73,14 @@ struct MatMulBlock {
 
   explicit MatMulBlock(const ort::KernelInfo* info)
       : k(ort::attribute_int(kName, info, "K")), n(ort::attribute_int(kName, info, "N")),
-        block(ort::attribute_int(kName, info, "block_size")), swiglu(ort::attribute_int(kName, info, "swiglu", 0) != 0) {
-    if (swiglu && n % 32 != 0)
-      ort::fail(kName, "swiglu=1 needs N (gate and up columns, in pairs of 16) to be a multiple of 32, got N=" +
-                           std::to_string(n));
+        block(ort::attribute_int(kName, info, "block_size")), swiglu(ort::swiglu_attribute(kName, info, n)) {
     if (k < 1 || n < 1 || block < kBlockMultiple || block % kBlockMultiple != 0)
       ort::fail(kName, "attributes must be K >= 1, N >= 1 and block_size a positive multiple of " +
                            std::to_string(kBlockMultiple) + ", got K=" + std::to_string(k) + " N=" + std::to_string(n) +
                            " block_size=" + std::to_string(block));
     groups = (n + 15) / 16;
     blocks = (k + block - 1) / block;
-    vnni = use_avx512_vnni();
+    vnni = ort::use_avx512(/*vnni=*/true);
   }
 
   void compute(ort::KernelContext* ctx) const {

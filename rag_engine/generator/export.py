@@ -54,10 +54,9 @@ class ExportConfig:
     apply: DecoderAttention instead of GroupQueryAttention (packed QKV: not with explicit_rotary
     or a sliding window); for ``int8`` (``int8_method="nbits"``) and ``int4``, MatMulInt8Block /
     MatMulInt4Block instead of MatMulNBits (the same weights; at accuracy_level 4, whose int8
-    activations they share); for ``fp32``, MatMulF32Panels
-    instead of the layers' MatMuls. None: when the op library is built and the CPU has
-    AVX-512 VNNI; True: the library must be built; False: only ONNX Runtime's own ops (a
-    portable export). Resolved on construction.
+    activations they share); for ``fp32``, MatMulF32Panels instead of the layers' MatMuls.
+    None: when the op library is built and the CPU has AVX-512 VNNI; True: the library must be
+    built; False: only ONNX Runtime's own ops (a portable export). Resolved on construction.
     """
 
     precision: str = "fp32"

@@ -148,20 +148,17 @@ def _attention(g: _Graph, spec: DecoderSpec, w: dict, i: int, h: str, mask: tupl
     else:
         qkv_in = [qkv, "", ""]
     out = f"/attn_{i}/out"
+    cache_in = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+    cache_in += ["rope_cos", "rope_sin"] if rope else []
     if g.custom_ops and qkv_in[1] == "" and spec.sliding_window < 0:
         # rag_engine's op: the same inputs and in-place cache as GroupQueryAttention's packed form
         g.domains.add(RAG_DOMAIN)
-        inputs = [qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
-        if rope:
-            inputs += ["rope_cos", "rope_sin"]
         g.nodes.append(helper.make_node(
-            "DecoderAttention", inputs, [out, f"present.{i}.key", f"present.{i}.value"], name=f"/attn_{i}",
+            "DecoderAttention", [qkv, *cache_in], [out, f"present.{i}.key", f"present.{i}.value"], name=f"/attn_{i}",
             domain=RAG_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale,
             do_rotary=int(rope)))
         return g.matmul(out, w, p + "o")
-    inputs = [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
-    if rope:
-        inputs += ["rope_cos", "rope_sin"]
+    inputs = [*qkv_in, *cache_in]
     g.nodes.append(helper.make_node(
         "GroupQueryAttention", inputs, [out, f"present.{i}.key", f"present.{i}.value"],
         name=f"/attn_{i}", domain=MS, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,

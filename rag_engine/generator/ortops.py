@@ -1,13 +1,13 @@
 """rag_engine's own ONNX Runtime ops (``rag_engine/_ortops*.so``, built from csrc/ortops).
 
-``ai.rag_engine::MatMulInt8Block``: the 8-bit block-quantised weight GEMM of int8 exports
-(the same weights and activation quantisation as MatMulNBits bits=8 with accuracy_level 4,
-computed by an AVX-512 VNNI kernel). ``ai.rag_engine::DecoderAttention``: grouped-query
-attention over the in-place KV cache, in place of GroupQueryAttention (same inputs, packed
-QKV, rotary inside). ``ai.rag_engine::MatMulF32Panels``: the fp32 weight GEMM of fp32
-exports, weights in 32-column panels streamed once per step for up to 8 rows. Each has a
-portable path for other CPUs. Sessions over a graph that
-uses them load the library with ``register``.
+``ai.rag_engine::MatMulInt8Block`` / ``MatMulInt4Block``: the block-quantised weight GEMMs of
+int8 / int4 exports (the same weights and activation quantisation as MatMulNBits with
+accuracy_level 4, computed by AVX-512 VNNI kernels). ``ai.rag_engine::DecoderAttention``:
+grouped-query attention over the in-place KV cache, in place of GroupQueryAttention (same
+inputs, packed QKV, rotary inside). ``ai.rag_engine::MatMulF32Panels``: the fp32 weight GEMM
+of fp32 exports, weights in 32-column panels streamed once per step for up to 8 rows. The
+GEMMs take an optional SwiGLU epilogue. Each op has a portable path for other CPUs. Sessions
+over a graph that uses them load the library with ``register``.
 """
 
 from __future__ import annotations
